@@ -1,0 +1,1 @@
+"""Shared kit for every mlmesh service: settings, server bootstrap, errors, telemetry, stubs."""

@@ -1,0 +1,11 @@
+"""The generated protobuf and gRPC modules, imported from one place."""
+
+from services.common.gen.mlmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+
+__all__ = ["common_pb2", "gateway_pb2", "gateway_pb2_grpc", "router_pb2", "router_pb2_grpc"]

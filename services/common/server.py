@@ -1,0 +1,198 @@
+"""The one gRPC server bootstrap every service uses.
+
+It adds health checking, reflection, a span per call with W3C context taken from metadata, the
+mapping of domain errors (services.common.errors) to gRPC statuses, and graceful shutdown that
+reports NOT_SERVING, then drains in-flight calls for the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from services.common import errors, telemetry
+from services.common.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES: dict[str, grpc.StatusCode] = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "CANCELLED": grpc.StatusCode.CANCELLED,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+_ERROR_CLASSES: dict[grpc.StatusCode, type[errors.MeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+}
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def status_code_of(error: errors.MeshError) -> grpc.StatusCode:
+    return _STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> errors.MeshError:
+    """Turns a failed downstream call into the domain error to re-raise (keeps code and message)."""
+    retry_after = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            retry_after = int(value) / 1000
+    cls = _ERROR_CLASSES.get(exc.code(), errors.Internal)
+    return cls(f"{what}: {exc.details()}", retry_after_s=retry_after)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> None:
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, round(error.retry_after_s * 1000)))),))
+    await context.abort(status_code_of(error), error.message)
+
+
+class _ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """A span per call and the one place where domain errors become statuses."""
+
+    def __init__(self, service_name: str) -> None:
+        self._tracer = telemetry.tracer(service_name)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        method = handler_call_details.method
+        tracer = self._tracer
+        metadata = handler_call_details.invocation_metadata
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with tracer.start_as_current_span(
+                    method, context=telemetry.context_from_metadata(metadata), kind=trace.SpanKind.SERVER
+                ) as span:
+                    try:
+                        return await behavior(request, context)
+                    except errors.MeshError as error:
+                        span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
+                        await _abort(context, error)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("unhandled error in %s", method)
+                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with tracer.start_as_current_span(
+                    method, context=telemetry.context_from_metadata(metadata), kind=trace.SpanKind.SERVER
+                ) as span:
+                    try:
+                        async for item in stream_behavior(request, context):
+                            yield item
+                    except errors.MeshError as error:
+                        span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
+                        await _abort(context, error)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("unhandled error in %s", method)
+                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """A servicer to host: its full proto name and the generated add_*_to_server function."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    grace_period_s: float
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (load balancers move away), then drain in-flight calls."""
+        for name in (*self.service_names, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.grace_period_s)
+
+
+async def start_server(label: str, services: Sequence[ServiceRegistration], settings: ServerSettings) -> RunningServer:
+    telemetry.setup_telemetry(label)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    server = grpc.aio.server(interceptors=[_ServiceInterceptor(label)], options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(s.full_name for s in services)
+    for service in services:
+        service.add_to_server(server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"{label}: cannot bind {settings.host}:{settings.port}")
+    await server.start()
+    for name in (*names, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s listening on %s:%d (%s)", label, settings.host, port, ", ".join(names))
+    return RunningServer(server, port, health_servicer, names, settings.grace_period_s)
+
+
+async def wait_for_shutdown_signal() -> None:
+    """Returns on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

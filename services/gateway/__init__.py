@@ -1,0 +1,1 @@
+"""The public entry of the mesh: auth, tenants, rate limits, validation, deadlines."""

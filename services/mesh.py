@@ -1,0 +1,123 @@
+"""Process composition: host any set of services in this process, chosen by configuration.
+
+When the gateway and the router share a process, the gateway calls the router's domain object
+directly (no loopback gRPC hop); the router still serves its own gRPC API for other gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from services.common.server import RunningServer, start_server, wait_for_shutdown_signal
+from services.common.settings import TelemetrySettings
+from services.common.telemetry import setup_logging, setup_telemetry
+from services.gateway import servicer as gateway_servicer
+from services.gateway.core import Gateway, RouterPort
+from services.gateway.keys import Authenticator, KeyStore
+from services.gateway.ratelimit import TenantRateLimiter
+from services.gateway.settings import GatewaySettings
+from services.router import servicer as router_servicer
+from services.router.client import GrpcRouterClient
+from services.router.core import RouterCore, RoutingTable
+from services.router.settings import RouterSettings
+from services.router.triton import TritonBackend
+
+log = logging.getLogger(__name__)
+KNOWN_SERVICES = ("gateway", "router")
+
+
+@dataclass
+class Mesh:
+    servers: dict[str, RunningServer] = field(default_factory=dict)
+    router: RouterCore | None = None
+    gateway: Gateway | None = None
+    _closers: list = field(default_factory=list)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def address(self, service: str) -> str:
+        return self.servers[service].address
+
+    async def stop(self) -> None:
+        """Gateway first (drains client calls), then the router, then background work."""
+        for name in ("gateway", "router"):
+            if name in self.servers:
+                await self.servers[name].stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for close in self._closers:
+            await close()
+
+
+async def start_mesh(
+    services: set[str] | frozenset[str],
+    gateway_settings: GatewaySettings | None = None,
+    router_settings: RouterSettings | None = None,
+) -> Mesh:
+    unknown = set(services) - set(KNOWN_SERVICES)
+    if unknown or not services:
+        raise ValueError(f"services must be a non-empty subset of {KNOWN_SERVICES}, got {sorted(services)}")
+    setup_telemetry("mlmesh-" + "-".join(sorted(services)), TelemetrySettings())
+    mesh = Mesh()
+    try:
+        if "router" in services:
+            settings = router_settings or RouterSettings()
+            backend = TritonBackend(settings.triton_url)
+            mesh.router = RouterCore(backend, RoutingTable(settings.routes), settings.default_timeout_s)
+            await mesh.router.refresh_model_info()
+            mesh._closers.append(mesh.router.close)
+            mesh._tasks.append(
+                asyncio.create_task(mesh.router.keep_model_info_fresh(settings.model_refresh_interval_s))
+            )
+            mesh.servers["router"] = await start_server("router", [router_servicer.registration(mesh.router)], settings)
+        if "gateway" in services:
+            settings_gw = gateway_settings or GatewaySettings()
+            router: RouterPort
+            if mesh.router is not None and not settings_gw.router_address:
+                router = mesh.router
+            elif settings_gw.router_address:
+                client = GrpcRouterClient(settings_gw.router_address)
+                mesh._closers.append(client.close)
+                router = client
+            else:
+                raise ValueError("gateway without a co-hosted router needs MLMESH_GATEWAY_ROUTER_ADDRESS")
+            auth = Authenticator(KeyStore(settings_gw.keys_db), settings_gw.key_cache_ttl_s)
+            mesh.gateway = Gateway(router, auth, TenantRateLimiter(), settings_gw)
+            mesh._tasks.append(
+                asyncio.create_task(mesh.gateway.keep_models_fresh(settings_gw.model_refresh_interval_s))
+            )
+            mesh.servers["gateway"] = await start_server(
+                "gateway", [gateway_servicer.registration(mesh.gateway)], settings_gw
+            )
+    except BaseException:
+        await mesh.stop()
+        raise
+    return mesh
+
+
+def services_from_env(default: str) -> set[str]:
+    return {s.strip() for s in os.environ.get("MLMESH_SERVICES", default).split(",") if s.strip()}
+
+
+async def serve(services: set[str]) -> None:
+    mesh = await start_mesh(services)
+    try:
+        await wait_for_shutdown_signal()
+        log.info("shutting down: draining in-flight requests")
+    finally:
+        await mesh.stop()
+
+
+def main(default_services: str = "gateway,router") -> None:
+    setup_logging(os.environ.get("MLMESH_LOG_LEVEL", "INFO"), os.environ.get("MLMESH_LOG_FORMAT", "text"))
+    asyncio.run(serve(services_from_env(default_services)))
+
+
+if __name__ == "__main__":
+    main()

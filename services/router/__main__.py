@@ -1,0 +1,3 @@
+from services.mesh import main
+
+main("router")
