@@ -10,6 +10,9 @@ from services.gateway.keys import Tenant
 from services.gateway.settings import TenantLimits
 
 
+_EPSILON = 1e-9  # absorbs float error so "retry after X s" is exact when honoured
+
+
 class TokenBucket:
     """Refills continuously at `rate_per_s` up to `capacity`. May go into debt when charged after
     the fact (tokens are known only once generated); a bucket in debt admits nothing."""
@@ -30,7 +33,7 @@ class TokenBucket:
     def try_take(self, cost: float, now: float) -> float:
         """Takes `cost` if available and returns 0; otherwise returns seconds until it would be."""
         self._refill(now)
-        if self.level >= cost:
+        if self.level >= cost - _EPSILON:
             self.level -= cost
             return 0.0
         return (cost - self.level) / self.rate_per_s
@@ -38,7 +41,8 @@ class TokenBucket:
     def seconds_until(self, cost: float, now: float) -> float:
         """Seconds until `cost` could be taken (0 if now), without taking it."""
         self._refill(now)
-        return max(0.0, (cost - self.level) / self.rate_per_s)
+        missing = cost - self.level
+        return missing / self.rate_per_s if missing > _EPSILON else 0.0
 
     def charge(self, cost: float, now: float) -> None:
         self._refill(now)

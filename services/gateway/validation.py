@@ -85,7 +85,9 @@ def validate_predict(request: PredictInput, model: ModelInfo, limits: RequestLim
     for index, name in enumerate(request.outputs):
         if name not in known_outputs:
             known = ", ".join(sorted(known_outputs))
-            raise errors.InvalidArgument(f"outputs[{index}]: model '{model.name}' has no output '{name}' (outputs: {known})")
+            raise errors.InvalidArgument(
+                f"outputs[{index}]: model '{model.name}' has no output '{name}' (outputs: {known})"
+            )
 
 
 def validate_generate(request: GenerateInput, limits: RequestLimits) -> GenerateInput:

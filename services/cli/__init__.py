@@ -1,0 +1,1 @@
+"""The `mlmesh` command line."""

@@ -1,0 +1,247 @@
+"""`mlmesh`: run the mesh, call it, and manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from services.cli.client import (
+    DEFAULT_GATEWAY,
+    NUMPY_TO_DTYPE,
+    auth_metadata,
+    gateway_stub,
+    resolve_api_key,
+    tensor_to_numpy,
+)
+from services.common.api import common_pb2, gateway_pb2
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail_rpc(exc: grpc.RpcError) -> int:
+    err_console.print(f"[red]error[/red] {exc.code().name}: {exc.details()}")
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            err_console.print(f"retry after {int(value) / 1000:.2f}s")
+    return 1
+
+
+def _features_from_args(args: argparse.Namespace) -> np.ndarray:
+    if args.features:
+        rows = [[float(v) for v in row.split(",")] for row in args.features]
+        return np.asarray(rows, dtype=np.float32)
+    from sklearn.datasets import load_breast_cancer  # demo rows from a dataset shipped offline
+
+    data = load_breast_cancer()
+    rng = np.random.default_rng(args.seed)
+    picks = rng.choice(len(data.data), size=args.sample, replace=False)
+    return data.data[picks].astype(np.float32)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    features = _features_from_args(args)
+    request = gateway_pb2.PredictRequest(
+        model=args.model,
+        inputs=[
+            common_pb2.Tensor(
+                name=args.input_name,
+                dtype=NUMPY_TO_DTYPE[features.dtype],
+                shape=features.shape,
+                raw_data=features.astype(features.dtype.newbyteorder("<")).tobytes(),
+            )
+        ],
+        unit_id=args.unit_id or "",
+    )
+    channel, stub = gateway_stub(args.gateway)
+    started = time.perf_counter()
+    try:
+        response = stub.Predict(request, metadata=auth_metadata(resolve_api_key(args.api_key)), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    outputs = {t.name: tensor_to_numpy(t.dtype, t.shape, t.raw_data) for t in response.outputs}
+    table = Table(title=f"{response.served_by.model} v{response.served_by.model_version}  ({elapsed_ms:.1f} ms)")
+    table.add_column("row", justify="right")
+    for name in outputs:
+        table.add_column(name)
+    for row in range(features.shape[0]):
+        table.add_row(str(row), *[np.array2string(v[row], precision=4) for v in outputs.values()])
+    console.print(table)
+    console.print(f"prediction id: [bold]{response.prediction_id}[/bold]")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    request = gateway_pb2.GenerateRequest(
+        model=args.model,
+        prompt=args.prompt,
+        params=common_pb2.GenerationParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+        ),
+    )
+    channel, stub = gateway_stub(args.gateway)
+    last = None
+    try:
+        for message in stub.Generate(
+            request, metadata=auth_metadata(resolve_api_key(args.api_key)), timeout=args.timeout
+        ):
+            sys.stdout.write(message.text)
+            sys.stdout.flush()
+            last = message
+    except grpc.RpcError as exc:
+        print()
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    print()
+    if last is not None and last.HasField("usage"):
+        u = last.usage
+        err_console.print(
+            f"[dim]{last.served_by.model} v{last.served_by.model_version} | finish: {last.finish_reason} | "
+            f"tokens in/out: {u.input_tokens}/{u.output_tokens} | TTFT {u.time_to_first_token_ms:.0f} ms | "
+            f"total {u.total_time_ms:.0f} ms | prediction id {last.prediction_id}[/dim]"
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    channel, stub = gateway_stub(args.gateway)
+    try:
+        response = stub.ListModels(
+            gateway_pb2.ListModelsRequest(), metadata=auth_metadata(resolve_api_key(args.api_key)), timeout=10
+        )
+    except grpc.RpcError as exc:
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    table = Table(title="models")
+    for column in ("name", "version", "kind", "ready", "inputs", "outputs"):
+        table.add_column(column)
+    for m in response.models:
+        def specs(ts: list) -> str:
+            return ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in ts)
+
+        table.add_row(m.name, m.version, m.kind, "yes" if m.ready else "no", specs(m.inputs), specs(m.outputs))
+    console.print(table)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from services.common import errors
+    from services.gateway.keys import KeyStore
+    from services.gateway.settings import GatewaySettings, TenantLimits
+
+    store = KeyStore(Path(args.db) if args.db else GatewaySettings().keys_db)
+    if args.keys_command == "create":
+        defaults = TenantLimits()
+        limits = TenantLimits(
+            requests_per_s=args.rps or defaults.requests_per_s,
+            burst=args.burst or defaults.burst,
+            tokens_per_min=args.tokens_per_min or defaults.tokens_per_min,
+        )
+        try:
+            issued = store.create(args.tenant, limits)
+        except errors.MeshError as exc:
+            err_console.print(f"[red]error[/red] {exc.message}")
+            return 2
+        console.print(f"created key [bold]{issued.key_id}[/bold] for tenant [bold]{issued.tenant}[/bold]")
+        console.print("store it now; it is not shown again:")
+        print(issued.api_key)
+    elif args.keys_command == "list":
+        table = Table(title=f"API keys ({store.path})")
+        for column in ("key id", "tenant", "req/s", "burst", "tokens/min", "created", "status"):
+            table.add_column(column)
+        for k in store.list():
+            table.add_row(
+                k.key_id,
+                k.tenant,
+                f"{k.limits.requests_per_s:g}",
+                str(k.limits.burst),
+                str(k.limits.tokens_per_min),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created_at)),
+                "revoked" if k.revoked_at else "active",
+            )
+        console.print(table)
+    elif args.keys_command == "revoke":
+        if not store.revoke(args.key_id):
+            err_console.print(f"[red]error[/red] no active key with id {args.key_id}")
+            return 1
+        console.print(f"revoked {args.key_id} (gateways stop accepting it within their key cache TTL)")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.cli.up import run_up
+
+    return run_up(config_path=Path(args.config) if args.config else None, llm=args.llm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlmesh", description="mlmesh model-serving mesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway address (default %(default)s)")
+        p.add_argument("--api-key", help="API key (default: $MLMESH_API_KEY, then the key `mlmesh up` created)")
+        p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+
+    up = sub.add_parser("up", help="start Triton, router and gateway with embedded defaults")
+    up.add_argument("--config", help="YAML with sections gateway:, router:, up:")
+    up.add_argument("--llm", choices=["smollm2", "tiny"], help="LLM to serve (default smollm2)")
+    up.set_defaults(func=cmd_up)
+
+    predict = sub.add_parser("predict", help="classify rows with the tabular model")
+    client_args(predict)
+    predict.add_argument("--model", default="tabular-classifier")
+    predict.add_argument("--input-name", default="features")
+    predict.add_argument("--features", action="append", help="one row of comma-separated numbers (repeatable)")
+    predict.add_argument("--sample", type=int, default=3, help="without --features: N rows of breast_cancer")
+    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--unit-id", help="user/entity id for sticky experiment assignment")
+    predict.set_defaults(func=cmd_predict)
+
+    generate = sub.add_parser("generate", help="stream a completion from the LLM")
+    client_args(generate)
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="llm")
+    generate.add_argument("--max-tokens", type=int, default=0, help="0 = server default")
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="list the models the gateway serves")
+    client_args(models)
+    models.set_defaults(func=cmd_models)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed)")
+    keys.add_argument("--db", help="key database (default: the gateway's MLMESH_GATEWAY_KEYS_DB)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="issue a key for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--rps", type=float, help="requests per second")
+    create.add_argument("--burst", type=int, help="request burst")
+    create.add_argument("--tokens-per-min", type=int, help="LLM tokens per minute")
+    keys_sub.add_parser("list", help="list keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

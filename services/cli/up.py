@@ -1,0 +1,139 @@
+"""`mlmesh up`: prepare models, start Triton, host router + gateway, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.status import Status
+from rich.table import Table
+
+from services.cli.client import DEV_KEY_FILE
+from services.common.net import free_port
+from services.common.server import wait_for_shutdown_signal
+from services.common.settings import REPO_ROOT, load_yaml
+from services.common.telemetry import setup_logging
+from services.common.triton_server import TritonServer, load_model_sync
+from services.gateway.keys import KeyStore
+from services.gateway.settings import GatewaySettings
+from services.mesh import start_mesh
+from services.router.settings import RouterSettings
+
+console = Console()
+
+
+class UpSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLMESH_UP_", extra="forbid")
+
+    llm: Literal["smollm2", "tiny"] = "smollm2"
+    model_repository: Path = REPO_ROOT / "model_repository"
+    triton_grpc_port: int = 0  # 0 -> pick a free port
+    triton_http_port: int = 0
+    triton_metrics_port: int = 0
+
+
+def _ensure_dev_key(store: KeyStore) -> str:
+    """A key for the local 'dev' tenant, written where the CLI finds it."""
+    if DEV_KEY_FILE.exists():
+        key = DEV_KEY_FILE.read_text().strip()
+        if store.lookup(key) is not None:
+            return key
+    issued = store.create("dev", GatewaySettings().default_limits)
+    DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DEV_KEY_FILE.write_text(issued.api_key + "\n")
+    DEV_KEY_FILE.chmod(0o600)
+    return issued.api_key
+
+
+def _prepare_models(up: UpSettings, status: Status) -> Path:
+    from services.common.model_build.llm import build_tiny_llm, prepare_smollm2
+    from services.common.model_build.tabular import build_tabular
+
+    def progress(prefix: str) -> Callable[[str], None]:
+        return lambda line: status.update(f"[bold]{prefix}[/bold] {line}")
+
+    started = time.perf_counter()
+    build_tabular(progress=progress("tabular classifier:"))
+    console.print(f"[green]✓[/green] tabular classifier (ONNX) ready ({time.perf_counter() - started:.1f}s)")
+    started = time.perf_counter()
+    if up.llm == "smollm2":
+        llm_dir = prepare_smollm2(progress=progress("SmolLM2-135M-Instruct:"))
+    else:
+        llm_dir = build_tiny_llm(progress=progress("tiny LLM:"))
+    console.print(f"[green]✓[/green] LLM weights ready: {llm_dir} ({time.perf_counter() - started:.1f}s)")
+    return llm_dir
+
+
+def run_up(config_path: Path | None = None, llm: str | None = None) -> int:
+    config = load_yaml(config_path)
+    up = UpSettings(**{**config.get("up", {}), **({"llm": llm} if llm else {})})
+    gateway_settings = GatewaySettings(**config.get("gateway", {}))
+    setup_logging(os.environ.get("MLMESH_LOG_LEVEL", "WARNING"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    triton: TritonServer | None = None
+    try:
+        with console.status("[bold]preparing models[/bold]") as status:
+            llm_dir = _prepare_models(up, status)
+            status.update("[bold]starting Triton[/bold]")
+            triton = TritonServer(
+                up.model_repository,
+                up.triton_grpc_port or free_port(),
+                up.triton_http_port or free_port(),
+                up.triton_metrics_port or free_port(),
+            )
+            triton.start()
+            triton.wait_ready(120)
+            console.print(f"[green]✓[/green] Triton ready on {triton.grpc_url} (log: {triton.log_path})")
+            for name, params in (("tabular_classifier", None), ("llm", {"model_dir": str(llm_dir)})):
+                status.update(f"[bold]loading {name} into Triton[/bold]")
+                started = time.perf_counter()
+                load_model_sync(triton.grpc_url, name, params, model_repository=up.model_repository)
+                console.print(f"[green]✓[/green] loaded {name} ({time.perf_counter() - started:.1f}s)")
+            api_key = _ensure_dev_key(KeyStore(gateway_settings.keys_db))
+        router_settings = RouterSettings(**{**config.get("router", {}), "triton_url": triton.grpc_url})
+        asyncio.run(_serve(gateway_settings, router_settings, triton, api_key))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        return 1
+    finally:
+        if triton is not None:
+            console.print("stopping Triton ...")
+            triton.stop()
+    console.print("mlmesh stopped.")
+    return 0
+
+
+async def _serve(
+    gateway_settings: GatewaySettings, router_settings: RouterSettings, triton: TritonServer, api_key: str
+) -> None:
+    try:
+        mesh = await start_mesh({"gateway", "router"}, gateway_settings, router_settings)
+    except RuntimeError as exc:
+        raise OSError(f"{exc} (is another mlmesh already running?)") from exc
+    table = Table(title="mlmesh is up", show_header=True)
+    table.add_column("service")
+    table.add_column("listens on")
+    table.add_row("gateway (public API)", mesh.address("gateway").replace("127.0.0.1", gateway_settings.host))
+    table.add_row("router (internal)", mesh.address("router"))
+    table.add_row("triton gRPC / HTTP", f"{triton.grpc_url} / {triton.http_url}")
+    console.print(table)
+    console.print(f"dev API key (tenant 'dev'): [bold]{api_key}[/bold]  (saved in {DEV_KEY_FILE})")
+    console.print("try, in another terminal:")
+    console.print("  .venv/bin/mlmesh predict --sample 3")
+    console.print('  .venv/bin/mlmesh generate "What is the capital of France?"')
+    console.print("serving until Ctrl-C")
+    try:
+        await wait_for_shutdown_signal()
+        console.print("shutting down: draining in-flight requests ...")
+    finally:
+        await mesh.stop()
