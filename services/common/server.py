@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -186,13 +187,20 @@ async def start_server(label: str, services: Sequence[ServiceRegistration], sett
 
 
 async def wait_for_shutdown_signal() -> None:
-    """Returns on the first SIGINT or SIGTERM."""
+    """Returns on the first SIGINT or SIGTERM. While the caller drains, a repeated SIGTERM is
+    ignored (orchestrators escalate with SIGKILL) and a second Ctrl-C exits at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif signum == signal.SIGINT:
+            log.warning("second interrupt: exiting without draining")
+            os._exit(130)
+        else:
+            log.info("already shutting down; draining in-flight requests")
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        loop.add_signal_handler(sig, on_signal, sig)
+    await stop.wait()

@@ -153,7 +153,7 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def command(self, runtime_dir: Path) -> list[str]:
+    def _command(self, runtime_dir: Path) -> list[str]:
         return [
             str(runtime_dir / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
@@ -178,7 +178,7 @@ class TritonServer:
         with self.log_path.open("ab") as log_file:
             # Own session = own process group, so stop() reaches the python stubs too.
             self._process = subprocess.Popen(
-                self.command(runtime_dir),
+                self._command(runtime_dir),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ from services.common import errors
 from services.gateway.keys import Tenant
 from services.gateway.settings import TenantLimits
 
-
 _EPSILON = 1e-9  # absorbs float error so "retry after X s" is exact when honoured
 
 

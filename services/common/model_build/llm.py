@@ -133,7 +133,7 @@ def greedy_chat_reply(model_dir: Path, prompt: str, max_new_tokens: int = 24) ->
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
