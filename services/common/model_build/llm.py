@@ -21,8 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.model_build import build_lock
+
+if TYPE_CHECKING:  # transformers is imported lazily: importing this module stays cheap
+    from transformers import PreTrainedTokenizerFast
 
 # Set before transformers/huggingface_hub are imported: they read these once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -138,7 +142,7 @@ def greedy_chat_reply(model_dir: Path, prompt: str, max_new_tokens: int = 24) ->
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def _train_tiny_tokenizer():  # -> transformers.PreTrainedTokenizerFast (imported lazily)
+def _train_tiny_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
