@@ -14,8 +14,9 @@ if [ ! -f "$stamp" ]; then
   pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
   pip install pip==24.3.1
   # CPU torch first, from the local wheel directory when there is one, so nothing pulls a CUDA build.
-  if ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
-    pip install --no-index --find-links /opt/wheels torch==2.13.0
+  local_torch=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$local_torch" ]; then
+    pip install --no-deps "$local_torch"  # its dependencies are pinned in requirements.lock
   else
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
