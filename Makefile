@@ -18,7 +18,7 @@ test-unit: install
 	@$(PY) -m pytest tests/unit -q
 
 lint: install
-	@$(VENV)/bin/ruff check services tests bench model_repository
+	@$(VENV)/bin/ruff check .
 
 bench: install
 	@$(PY) -m bench.run

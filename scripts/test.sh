@@ -2,7 +2,7 @@
 # Runs the whole suite; pytest's "no tests collected" (exit 5) counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/ruff check services tests bench model_repository || exit 1
+.venv/bin/ruff check . || exit 1
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
