@@ -69,7 +69,9 @@ async def start_mesh(
         if "router" in services:
             settings = router_settings or RouterSettings()
             backend = TritonBackend(settings.triton_url)
-            mesh.router = RouterCore(backend, RoutingTable(settings.routes), settings.default_timeout_s)
+            mesh.router = RouterCore(
+                backend, RoutingTable(settings.routes), settings.default_timeout_s, settings.batch_max_in_flight
+            )
             await mesh.router.refresh_model_info()
             mesh._closers.append(mesh.router.close)
             mesh._tasks.append(

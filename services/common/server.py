@@ -72,30 +72,43 @@ async def _abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> 
 
 
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """A span per call and the one place where domain errors become statuses."""
+    """A span per call and the one place where domain errors become statuses.
+
+    Wrapped handlers are built once per method and cached: the hot path pays for the span and
+    the try/except only.
+    """
 
     def __init__(self, service_name: str) -> None:
         self._tracer = telemetry.tracer(service_name)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
-            return handler
         method = handler_call_details.method
-        tracer = self._tracer
-        metadata = handler_call_details.invocation_metadata
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+                return handler
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
 
+    def _span(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        parent = None
+        metadata = context.invocation_metadata()
+        if metadata and any(key == "traceparent" for key, _ in metadata):
+            parent = telemetry.context_from_metadata(metadata)
+        return self._tracer.start_as_current_span(method, context=parent, kind=trace.SpanKind.SERVER)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with tracer.start_as_current_span(
-                    method, context=telemetry.context_from_metadata(metadata), kind=trace.SpanKind.SERVER
-                ) as span:
+                with self._span(method, context) as span:
                     try:
                         return await behavior(request, context)
                     except errors.MeshError as error:
@@ -107,15 +120,15 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                         log.exception("unhandled error in %s", method)
                         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
 
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with tracer.start_as_current_span(
-                    method, context=telemetry.context_from_metadata(metadata), kind=trace.SpanKind.SERVER
-                ) as span:
+                with self._span(method, context) as span:
                     try:
                         async for item in stream_behavior(request, context):
                             yield item

@@ -19,6 +19,7 @@ class TelemetrySettings(BaseSettings):
     # "none" keeps spans in-process (trace ids still flow); "console" prints them; "otlp" exports.
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"
+    sample_ratio: float = 1.0
     service_namespace: str = "mlmesh"
 
 

@@ -12,6 +12,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
 from services.common.settings import TelemetrySettings
 
@@ -25,7 +26,10 @@ def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None
         return
     settings = settings or TelemetrySettings()
     resource = Resource.create({"service.name": service_name, "service.namespace": settings.service_namespace})
-    provider = TracerProvider(resource=resource)
+    # Without an exporter nobody reads spans: don't record them. Trace ids are still created
+    # and propagated (logs and events carry them).
+    sampler = ALWAYS_OFF if settings.exporter == "none" else ParentBased(TraceIdRatioBased(settings.sample_ratio))
+    provider = TracerProvider(resource=resource, sampler=sampler)
     if settings.exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif settings.exporter == "otlp":

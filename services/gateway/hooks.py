@@ -35,6 +35,20 @@ class CompletedRequest:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class FeedbackRecord:
+    feedback_id: str
+    prediction_id: str
+    tenant: str
+    unit_id: str
+    created_at_unix: float
+    label: str
+    rating: float | None
+    outcome: str
+    text: str
+    trace_id: str
+
+
 class GatewayHook:
     """Base with no-op defaults; subclasses override what they need. Raise a MeshError to reject."""
 
@@ -49,3 +63,7 @@ class GatewayHook:
 
     def on_complete(self, record: CompletedRequest) -> None:
         return None
+
+    def on_feedback(self, feedback: FeedbackRecord) -> bool:
+        """True when this hook took the feedback (published or queued it)."""
+        return False

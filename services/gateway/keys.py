@@ -149,9 +149,8 @@ class Authenticator:
             raise errors.Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>' (create one with `mlmesh keys create`)"
             )
-        cache_key = digest(api_key)
         now = self._clock()
-        hit = self._cache.get(cache_key)
+        hit = self._cache.get(api_key)
         if hit is not None and hit[1] > now:
             tenant = hit[0]
         else:
@@ -159,7 +158,7 @@ class Authenticator:
             if len(self._cache) >= self._max_entries:
                 self._cache.clear()  # bounded memory under a flood of random keys
             # Unknown keys are cached briefly so a flood of bad keys cannot hammer the store.
-            self._cache[cache_key] = (tenant, now + (self.ttl_s if tenant else min(self.ttl_s, 2.0)))
+            self._cache[api_key] = (tenant, now + (self.ttl_s if tenant else min(self.ttl_s, 2.0)))
         if tenant is None:
             raise errors.Unauthenticated("invalid or revoked API key")
         return tenant

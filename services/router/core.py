@@ -19,6 +19,7 @@ from services.common.domain import (
     RequestContext,
     ServedBy,
 )
+from services.router.batching import PredictBatcher
 from services.router.settings import RouteConfig
 from services.router.triton import TritonBackend, TritonModelInfo
 
@@ -55,22 +56,38 @@ class RoutingTable:
 
 
 class RouterCore:
-    def __init__(self, backend: TritonBackend, table: RoutingTable, default_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        backend: TritonBackend,
+        table: RoutingTable,
+        default_timeout_s: float = 30.0,
+        batch_max_in_flight: int = 2,
+    ) -> None:
         self.backend = backend
         self.table = table
         self.default_timeout_s = default_timeout_s
         self._model_info: dict[str, TritonModelInfo] = {}
+        # 0 disables coalescing: every Predict is its own Triton call.
+        self._batcher = PredictBatcher(backend, batch_max_in_flight) if batch_max_in_flight > 0 else None
 
     async def predict(self, ctx: RequestContext, request: PredictInput) -> PredictResult:
         route = self._route_of_kind(request.model, MODEL_KIND_TABULAR)
-        outputs = await self.backend.infer(
-            route.triton_model,
-            route.version,
-            request.inputs,
-            request.outputs,
-            ctx.prediction_id,
-            ctx.timeout_s or self.default_timeout_s,
-        )
+        timeout = ctx.timeout_s or self.default_timeout_s
+        info = self._model_info.get(route.triton_model)
+        if self._batcher is not None and info is not None and info.batchable:
+            outputs = await self._batcher.infer(
+                route.triton_model,
+                route.version,
+                info.max_batch_size,
+                request.inputs,
+                request.outputs,
+                ctx.prediction_id,
+                timeout,
+            )
+        else:
+            outputs = await self.backend.infer(
+                route.triton_model, route.version, request.inputs, request.outputs, ctx.prediction_id, timeout
+            )
         return PredictResult(ctx.prediction_id, self._served_by(route), outputs)
 
     async def generate(self, ctx: RequestContext, request: GenerateInput) -> AsyncIterator[GenerateChunk]:

@@ -30,4 +30,7 @@ class RouterSettings(ServerSettings):
     # Static routing table for now; the registry will push tables over its watch stream.
     routes: dict[str, RouteConfig] = DEFAULT_ROUTES
     default_timeout_s: float = 30.0
+    # Predict calls to one batching model that may be in flight before new ones are merged
+    # into the next call (0 = never merge).
+    batch_max_in_flight: int = 2
     model_refresh_interval_s: float = 2.0

@@ -37,6 +37,12 @@ class TritonModelInfo:
     max_batch_size: int
     decoupled: bool
 
+    @property
+    def batchable(self) -> bool:
+        """Requests can be merged row-wise: a batch dimension and fixed-size elements throughout."""
+        tensors = (*self.inputs, *self.outputs)
+        return self.max_batch_size > 0 and not self.decoupled and all(t.dtype != "BYTES" for t in tensors)
+
 
 @dataclass(slots=True)
 class TritonToken:
@@ -183,19 +189,36 @@ class TritonBackend:
             await done.wait()
 
         call = self._stub.ModelStreamInfer(requests(), timeout=timeout_s)
+        finished = False
         try:
             async for message in call:
                 if message.error_message:
                     raise errors.Internal(f"model '{model}' failed: {message.error_message}")
                 token = _parse_token(message.infer_response)
-                yield token
                 if token.final:
+                    # Close the stream the polite way (half-close, let Triton end it): cancelling a
+                    # finished stream can leave the model stuck when it is later unloaded.
+                    done.set()
+                    await self._drain(call)
+                    finished = True
+                    yield token
                     return
+                yield token
             raise errors.Unavailable(f"inference server at {self.url} closed the stream early")
         except grpc.aio.AioRpcError as exc:
             raise _backend_error(exc, model, self.url) from None
         finally:
             done.set()
+            if not finished:
+                call.cancel()  # the caller left early: cancelling stops generation in the model
+
+    @staticmethod
+    async def _drain(call: grpc.aio.StreamStreamCall, timeout_s: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in call:
+                    pass
+        except (TimeoutError, grpc.aio.AioRpcError):
             call.cancel()
 
 

@@ -1,0 +1,150 @@
+"""Coalesces concurrent Predicts for one batching model into one Triton call.
+
+Every Python gRPC call to Triton costs CPU on both sides (and smaller batches in Triton's own
+dynamic batcher); under concurrency the router merges requests that queue up while earlier
+calls are in flight. Nothing waits on a timer: with a free slot a request goes out at once, so
+sequential latency is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from services.common import errors
+from services.common.domain import TensorData
+from services.router.triton import TritonBackend
+
+_NOT_SPLITTABLE = (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled)
+
+
+@dataclass(slots=True)
+class _Pending:
+    inputs: list[TensorData]
+    rows: int
+    request_id: str
+    deadline: float | None
+    future: asyncio.Future[list[TensorData]]
+
+
+@dataclass(slots=True)
+class _Lane:
+    queue: list[_Pending] = field(default_factory=list)
+    in_flight: int = 0
+
+
+def merge_inputs(group: list[_Pending]) -> list[TensorData]:
+    """Concatenates each input along the batch (first) dimension; row-major bytes make this a join."""
+    merged = []
+    for position, first in enumerate(group[0].inputs):
+        parts = [member.inputs[position] for member in group]
+        rows = sum(p.shape[0] for p in parts)
+        merged.append(TensorData(first.name, first.dtype, (rows, *first.shape[1:]), b"".join(p.data for p in parts)))
+    return merged
+
+
+def split_outputs(outputs: list[TensorData], row_counts: list[int]) -> list[list[TensorData]]:
+    total = sum(row_counts)
+    per_member: list[list[TensorData]] = [[] for _ in row_counts]
+    for out in outputs:
+        row_bytes = len(out.data) // total
+        offset = 0
+        for index, rows in enumerate(row_counts):
+            end = offset + rows * row_bytes
+            per_member[index].append(TensorData(out.name, out.dtype, (rows, *out.shape[1:]), out.data[offset:end]))
+            offset = end
+    return per_member
+
+
+class PredictBatcher:
+    def __init__(self, backend: TritonBackend, max_in_flight: int = 2) -> None:
+        self.backend = backend
+        self.max_in_flight = max_in_flight
+        self._lanes: dict[tuple[str, str, tuple[str, ...]], _Lane] = {}
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        max_batch_size: int,
+        inputs: list[TensorData],
+        outputs: list[str],
+        request_id: str,
+        timeout_s: float | None,
+    ) -> list[TensorData]:
+        key = (model, version, tuple(outputs))
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        if lane.in_flight < self.max_in_flight and not lane.queue:
+            lane.in_flight += 1
+            try:
+                return await self.backend.infer(model, version, inputs, outputs, request_id, timeout_s)
+            finally:
+                lane.in_flight -= 1
+                self._dispatch(key, lane, max_batch_size)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = _Pending(inputs, inputs[0].shape[0], request_id, deadline, loop.create_future())
+        lane.queue.append(pending)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+        except TimeoutError:
+            if pending in lane.queue:
+                lane.queue.remove(pending)
+            pending.future.cancel()  # a batch finishing later skips it
+            raise errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline") from None
+
+    def _dispatch(self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int) -> None:
+        while lane.queue and lane.in_flight < self.max_in_flight:
+            group, rows = [], 0
+            while lane.queue and rows + lane.queue[0].rows <= max_batch_size:
+                member = lane.queue.pop(0)
+                group.append(member)
+                rows += member.rows
+            if not group:  # a single request larger than the batch limit goes alone
+                group.append(lane.queue.pop(0))
+            lane.in_flight += 1
+            asyncio.get_running_loop().create_task(self._run(key, lane, max_batch_size, group))
+
+    async def _run(
+        self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int, group: list[_Pending]
+    ) -> None:
+        model, version, outputs = key
+        try:
+            if len(group) == 1:
+                await self._run_one(model, version, list(outputs), group[0])
+                return
+            deadlines = [m.deadline for m in group]
+            timeout = None if None in deadlines else max(d for d in deadlines if d is not None) - time.monotonic()
+            try:
+                results = await self.backend.infer(
+                    model, version, merge_inputs(group), list(outputs), group[0].request_id, timeout
+                )
+            except _NOT_SPLITTABLE as exc:
+                for member in group:
+                    if not member.future.done():
+                        member.future.set_exception(exc)
+                return
+            except errors.MeshError:
+                # One bad member must not fail the others: each retries alone and gets its own answer.
+                await asyncio.gather(*(self._run_one(model, version, list(outputs), m) for m in group))
+                return
+            for member, member_outputs in zip(group, split_outputs(results, [m.rows for m in group]), strict=True):
+                if not member.future.done():
+                    member.future.set_result(member_outputs)
+        finally:
+            lane.in_flight -= 1
+            self._dispatch(key, lane, max_batch_size)
+
+    async def _run_one(self, model: str, version: str, outputs: list[str], member: _Pending) -> None:
+        timeout = None if member.deadline is None else member.deadline - time.monotonic()
+        try:
+            result = await self.backend.infer(model, version, member.inputs, outputs, member.request_id, timeout)
+        except errors.MeshError as exc:
+            if not member.future.done():
+                member.future.set_exception(exc)
+            return
+        if not member.future.done():
+            member.future.set_result(result)
