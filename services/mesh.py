@@ -116,8 +116,20 @@ async def serve(services: set[str]) -> None:
         await mesh.stop()
 
 
+def install_event_loop() -> None:
+    """uvloop when available and not disabled (MLMESH_EVENT_LOOP=asyncio): less CPU per call."""
+    if os.environ.get("MLMESH_EVENT_LOOP", "uvloop") != "uvloop":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(default_services: str = "gateway,router") -> None:
     setup_logging(os.environ.get("MLMESH_LOG_LEVEL", "INFO"), os.environ.get("MLMESH_LOG_FORMAT", "text"))
+    install_event_loop()
     asyncio.run(serve(services_from_env(default_services)))
 
 

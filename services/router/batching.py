@@ -58,7 +58,7 @@ def split_outputs(outputs: list[TensorData], row_counts: list[int]) -> list[list
 
 
 class PredictBatcher:
-    def __init__(self, backend: TritonBackend, max_in_flight: int = 2) -> None:
+    def __init__(self, backend: TritonBackend, max_in_flight: int = 1) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
         self._lanes: dict[tuple[str, str, tuple[str, ...]], _Lane] = {}

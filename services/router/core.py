@@ -61,7 +61,7 @@ class RouterCore:
         backend: TritonBackend,
         table: RoutingTable,
         default_timeout_s: float = 30.0,
-        batch_max_in_flight: int = 2,
+        batch_max_in_flight: int = 1,
     ) -> None:
         self.backend = backend
         self.table = table

@@ -32,5 +32,5 @@ class RouterSettings(ServerSettings):
     default_timeout_s: float = 30.0
     # Predict calls to one batching model that may be in flight before new ones are merged
     # into the next call (0 = never merge).
-    batch_max_in_flight: int = 2
+    batch_max_in_flight: int = 1
     model_refresh_interval_s: float = 2.0

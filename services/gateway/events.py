@@ -1,0 +1,467 @@
+"""Event emission: every finished request and every feedback becomes a protobuf event on Kafka.
+
+The request path only appends the in-memory record to a bounded queue (never waits, never
+converts). One background thread converts, serializes and produces with acks=all; what the
+broker cannot take goes to the on-disk spool and is replayed, in order, once it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+
+from services.common.domain import GenerateInput, PredictInput, TensorData
+from services.common.gen.mlmesh.v1 import events_pb2
+from services.common.kafka import ensure_topics, make_producer
+from services.gateway.events_settings import EventSettings
+from services.gateway.hooks import CompletedRequest, FeedbackRecord, GatewayHook
+from services.gateway.spool import Spool, SpoolFull, SpoolRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# KServe v2 dtypes as little-endian numpy dtypes (tensors travel as raw little-endian bytes).
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+
+# The broker rejects these records themselves; retrying or spooling them would never succeed.
+_RECORD_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError)
+
+_PREDICTION = 0
+_FEEDBACK = 1
+_WAKE = (-1, None)  # queue item that only wakes the sender (close)
+
+
+# -- pure conversion --
+
+
+def tensor_values(tensor: TensorData, capture_max_values: int) -> events_pb2.TensorValues:
+    """Name, dtype, shape and the first capture_max_values values as float64 (none for BYTES)."""
+    summary = events_pb2.TensorValues(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape)
+    dtype = _NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:  # BYTES (or an unknown dtype on a rejected request): shape only
+        return summary
+    total = math.prod(max(dim, 0) for dim in tensor.shape)
+    # Decode only the captured prefix, and never past the data a rejected request really sent.
+    count = max(0, min(total, capture_max_values, len(tensor.data) // dtype.itemsize))
+    if count:
+        summary.values.extend(np.frombuffer(tensor.data, dtype=dtype, count=count).astype(np.float64).tolist())
+    summary.truncated = count < total
+    return summary
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def prediction_event(record: CompletedRequest, capture_max_values: int) -> events_pb2.PredictionEvent:
+    request = record.request
+    served = record.served_by
+    event = events_pb2.PredictionEvent(
+        schema_version=SCHEMA_VERSION,
+        prediction_id=record.prediction_id,
+        request_id=request.request_id,
+        tenant=record.tenant,
+        unit_id=request.unit_id,
+        rpc=record.rpc,
+        model=served.model if served else request.model,
+        model_version=served.model_version if served else "",
+        experiment=served.experiment if served else "",
+        variant=served.variant if served else "",
+        # Not on CompletedRequest itself: the router/hooks may pass them through `extra`.
+        shadow=_flag(record.extra.get("shadow")),
+        span_id=record.extra.get("span_id", ""),
+        latency_ms=record.latency_ms,
+        status_code=record.status,
+        error_message=record.error,
+        trace_id=record.trace_id,
+    )
+    with contextlib.suppress(ValueError):
+        event.cost_usd = float(record.extra.get("cost_usd", 0.0))
+    event.started_at.FromNanoseconds(round(record.started_at_unix * 1e9))
+    if isinstance(request, PredictInput):
+        event.inputs.extend(tensor_values(t, capture_max_values) for t in request.inputs)
+        if record.result is not None:
+            event.outputs.extend(tensor_values(t, capture_max_values) for t in record.result.outputs)
+    elif isinstance(request, GenerateInput):
+        event.prompt = request.prompt
+        event.completion = record.completion_text
+        event.finish_reason = record.finish_reason
+        event.max_tokens = request.max_tokens
+        event.temperature = request.temperature
+        event.top_p = request.top_p
+        if record.usage is not None:
+            event.input_tokens = record.usage.input_tokens
+            event.output_tokens = record.usage.output_tokens
+            event.time_to_first_token_ms = record.usage.time_to_first_token_ms
+    return event
+
+
+def feedback_event(fb: FeedbackRecord) -> events_pb2.FeedbackEvent:
+    event = events_pb2.FeedbackEvent(
+        schema_version=SCHEMA_VERSION,
+        feedback_id=fb.feedback_id,
+        prediction_id=fb.prediction_id,
+        tenant=fb.tenant,
+        unit_id=fb.unit_id,
+        label=fb.label,
+        outcome=fb.outcome,
+        text=fb.text,
+        trace_id=fb.trace_id,
+    )
+    if fb.rating is not None:  # optional field: absent means "no rating", not 0
+        event.rating = fb.rating
+    event.created_at.FromNanoseconds(round(fb.created_at_unix * 1e9))
+    return event
+
+
+# -- emitter --
+
+
+class _BrokerDown(Exception):
+    """A produce batch was not fully acknowledged (timeout, connection loss, broker error)."""
+
+
+class EventEmitter(GatewayHook):
+    """Gateway hook that publishes PredictionEvent / FeedbackEvent to Kafka, spooling on outages.
+
+    Call start() once the process is up and close() on shutdown. Counters (stats()):
+    emitted (accepted by on_complete/on_feedback), delivered (acknowledged by Kafka on the
+    first try), spooled (written to the spool), replayed (acknowledged from the spool), shed
+    (dropped at the door: queue full, spool full or closed), dropped (conversion errors and
+    records the broker rejects as such). Delivery is at-least-once.
+    """
+
+    def __init__(self, settings: EventSettings, *, producer_overrides: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.kafka = settings.kafka
+        self._topics = {_PREDICTION: settings.kafka.predictions_topic, _FEEDBACK: settings.kafka.feedback_topic}
+        self._producer_config: dict[str, Any] = {
+            # Fail a batch within seconds when the broker is gone, so it reaches the spool
+            # instead of sitting in kafka-python's retry loop; never block send() for long.
+            "linger_ms": settings.linger_ms,
+            "request_timeout_ms": int(settings.delivery_timeout_s * 1000 * 0.6),
+            "delivery_timeout_ms": int(settings.delivery_timeout_s * 1000),
+            "max_block_ms": int(settings.delivery_timeout_s * 1000 * 0.4),
+            "bootstrap_timeout_ms": int(settings.delivery_timeout_s * 1000 * 0.4),
+            "reconnect_backoff_max_ms": 1000,
+            # A restarted broker must not get topics with default partitioning from a stray send.
+            "allow_auto_create_topics": False,
+            **(producer_overrides or {}),
+        }
+        # SimpleQueue: a C put with no lock dance; the bound is checked with qsize (racy by a
+        # few items under concurrent callers, which is fine for a shed threshold).
+        self._queue: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._queue_max = settings.queue_max_events
+        self._spool: Spool | None = None
+        self._producer: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closing = False
+        self._deadline = math.inf
+        self._next_probe = 0.0
+        self._outage_logged = False
+        # Each counter has one writer thread (request path or sender), so no lock is needed.
+        self._emitted = 0
+        self._shed_queue_full = 0
+        self._shed_closed = 0
+        self._delivered = 0
+        self._spooled = 0
+        self._replayed = 0
+        self._shed_spool_full = 0
+        self._dropped = 0
+
+    # -- request path (event loop thread): O(1), no I/O, no conversion --
+
+    def _offer(self, kind: int, item: CompletedRequest | FeedbackRecord) -> bool:
+        if self._closing:
+            self._shed_closed += 1
+            return False
+        if self._queue.qsize() >= self._queue_max:
+            self._shed_queue_full += 1
+            return False
+        self._queue.put((kind, item))
+        self._emitted += 1
+        return True
+
+    def on_complete(self, record: CompletedRequest) -> None:
+        self._offer(_PREDICTION, record)
+
+    def on_feedback(self, feedback: FeedbackRecord) -> bool:
+        return self._offer(_FEEDBACK, feedback)
+
+    def stats(self) -> dict[str, int]:
+        spool = self._spool
+        shed = self._shed_queue_full + self._shed_spool_full + self._shed_closed
+        return {
+            "emitted": self._emitted,
+            "delivered": self._delivered,
+            "spooled": self._spooled,
+            "replayed": self._replayed,
+            "shed": shed,
+            "shed_queue_full": self._shed_queue_full,
+            "shed_spool_full": self._shed_spool_full,
+            "shed_closed": self._shed_closed,
+            "dropped": self._dropped,
+            "queue_depth": self._queue.qsize(),
+            "spool_bytes": spool.pending_bytes if spool is not None else 0,
+            "connected": int(self._producer is not None),
+        }
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Opens the spool (raises SpoolLocked if another process owns it) and starts the sender.
+
+        Never waits for the broker: connecting, creating topics and replaying a spool left by a
+        previous process all happen on the sender thread.
+        """
+        if self._thread is not None:
+            return
+        self._spool = Spool(
+            self.settings.spool_dir,
+            max_bytes=self.settings.spool_max_bytes,
+            segment_bytes=self.settings.spool_segment_bytes,
+            fsync=self.settings.spool_fsync,
+        )
+        self._thread = threading.Thread(target=self._run, name="event-emitter", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stops accepting events and flushes what is queued to Kafka, or to the spool when the
+        broker is unreachable or the time runs out. Returns within about timeout_s."""
+        if self._closing:
+            return
+        self._closing = True
+        self._deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._queue.put(_WAKE)
+        if self._thread is None:
+            return
+        self._thread.join(timeout_s + 1.0)
+        if self._thread.is_alive():
+            log.warning("event emitter: sender still busy after %.1fs; queued events may be lost", timeout_s)
+
+    # -- sender thread --
+
+    def _run(self) -> None:
+        assert self._spool is not None
+        try:
+            while not self._stop.is_set():
+                self._step()
+            self._finish()
+        except Exception:
+            log.exception("event emitter: sender thread failed; events are no longer emitted")
+            self._closing = True  # shed from now on instead of filling memory
+        finally:
+            self._disconnect()
+            self._spool.close()
+
+    def _step(self) -> None:
+        assert self._spool is not None
+        if self._producer is None and time.monotonic() >= self._next_probe:
+            self._connect()
+        backlog = self._producer is not None and not self._spool.is_empty
+        # Wait for work only when nothing else is due: a backlog replays right away.
+        if backlog:
+            wait_s = 0.0
+        elif self._producer is None:
+            wait_s = min(0.2, max(0.0, self._next_probe - time.monotonic()))
+        else:
+            wait_s = 0.2
+        items = self._take(wait_s)
+        if items:
+            self._dispatch(items)
+        if self._producer is not None and not self._spool.is_empty:
+            self._replay(self.settings.replay_chunk_events)
+        elif not items:
+            self._spool.sync()  # idle: make the "interval" fsync policy reach the disk
+
+    def _take(self, wait_s: float) -> list[tuple[int, Any]]:
+        items: list[tuple[int, Any]] = []
+        try:
+            items.append(self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait())
+            while len(items) < self.settings.batch_max_events:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return [item for item in items if item[0] != _WAKE[0]]
+
+    def _encode(self, items: Sequence[tuple[int, Any]]) -> Iterator[SpoolRecord]:
+        capture = self.settings.capture_max_values
+        for kind, item in items:
+            try:
+                if kind == _PREDICTION:
+                    value = prediction_event(item, capture).SerializeToString()
+                else:
+                    value = feedback_event(item).SerializeToString()
+                yield SpoolRecord(self._topics[kind], item.prediction_id.encode(), value)
+            except Exception:
+                self._dropped += 1
+                log.exception("event emitter: could not convert a %s record", type(item).__name__)
+
+    def _dispatch(self, items: Sequence[tuple[int, Any]]) -> None:
+        """Kafka directly when connected and nothing is spooled; otherwise behind the spool."""
+        assert self._spool is not None
+        records = list(self._encode(items))
+        if self._producer is not None and self._spool.is_empty:
+            failed = self._produce(records, self._flush_timeout())
+            self._delivered += len(records) - len(failed)
+            records = failed
+            if failed:
+                self._broker_lost(f"{len(failed)} of a batch of {len(items)} events not acknowledged")
+        self._to_spool(records)
+
+    def _to_spool(self, records: Sequence[SpoolRecord]) -> None:
+        assert self._spool is not None
+        for record in records:
+            try:
+                self._spool.append(record.topic, record.key, record.value)
+                self._spooled += 1
+            except SpoolFull:
+                self._shed_spool_full += 1
+
+    def _produce(self, records: Sequence[SpoolRecord], timeout_s: float) -> list[SpoolRecord]:
+        """Sends and waits for the acks; returns the records not acknowledged, in order.
+
+        Records the broker rejects as such (too large, invalid) are counted as dropped.
+        """
+        producer = self._producer
+        futures: list[Any] = []
+        for position, record in enumerate(records):
+            try:
+                futures.append(producer.send(record.topic, key=record.key, value=record.value))
+            except _RECORD_ERRORS as exc:
+                futures.append(exc)
+            except Exception as exc:  # metadata timeout, closed producer: the broker is not usable
+                log.debug("event emitter: send failed: %s", exc)
+                return [*self._unacked(records[:position], futures), *records[position:]]
+        with contextlib.suppress(KafkaTimeoutError):
+            producer.flush(timeout=timeout_s)
+        return self._unacked(records, futures)
+
+    def _unacked(self, records: Sequence[SpoolRecord], futures: Sequence[Any]) -> list[SpoolRecord]:
+        failed: list[SpoolRecord] = []
+        for record, future in zip(records, futures, strict=False):
+            error = future if isinstance(future, Exception) else None
+            if error is None and not (future.is_done and future.succeeded()):
+                error = future.exception if future.is_done else KafkaTimeoutError("no ack before the flush timeout")
+            if error is None:
+                continue
+            if isinstance(error, _RECORD_ERRORS):
+                self._dropped += 1
+                log.error("event emitter: broker rejected an event on %s: %s", record.topic, error)
+            else:
+                failed.append(record)
+        return failed
+
+    def _replay(self, max_records: int | None) -> None:
+        assert self._spool is not None
+
+        def send(batch: Sequence[SpoolRecord]) -> None:
+            failed = self._produce(batch, self._flush_timeout())
+            if failed:
+                raise _BrokerDown(f"{len(failed)} of {len(batch)} replayed events not acknowledged")
+            self._replayed += len(batch)
+
+        try:
+            self._spool.replay(send, batch_records=self.settings.batch_max_events, max_records=max_records)
+        except _BrokerDown as exc:
+            self._broker_lost(str(exc))
+        # Keep the queue short: what arrived meanwhile goes behind the spool (one pass, so a
+        # stream of arrivals cannot starve the replay).
+        waiting = self._queue.qsize()
+        while waiting > 0 and not self._stop.is_set() and (items := self._take(0.0)):
+            self._dispatch(items)
+            waiting -= len(items)
+
+    def _flush_timeout(self) -> float:
+        timeout = self.settings.delivery_timeout_s + 1.0
+        if self._closing:  # shutdown: what cannot be acknowledged in time goes to the spool
+            timeout = min(timeout, max(0.1, self._deadline - time.monotonic() - 0.5))
+        return timeout
+
+    def _broker_reachable(self) -> bool:
+        for server in self.kafka.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=0.5):
+                    return True
+            except (OSError, ValueError):
+                continue
+        return False
+
+    def _connect(self) -> None:
+        """Probes the broker; on success re-creates the topics (an in-memory broker loses them on
+        restart) and a fresh producer (its producer id died with the old broker)."""
+        self._next_probe = time.monotonic() + self.settings.probe_interval_s
+        if not self._broker_reachable():
+            self._log_outage("broker unreachable")
+            return
+        try:
+            ensure_topics(self.kafka, list(self._topics.values()), timeout_s=self.settings.delivery_timeout_s)
+            self._producer = make_producer(self.kafka, **self._producer_config)
+        except Exception as exc:
+            self._producer = None
+            self._log_outage(f"{type(exc).__name__}: {exc}")
+            return
+        assert self._spool is not None
+        if self._outage_logged or not self._spool.is_empty:
+            log.info("event emitter: Kafka reachable; replaying %d spooled bytes", self._spool.pending_bytes)
+        self._outage_logged = False
+
+    def _log_outage(self, reason: str) -> None:
+        if not self._outage_logged:  # once per outage, not once per probe
+            log.warning("event emitter: Kafka unavailable (%s); spooling to %s", reason, self.settings.spool_dir)
+            self._outage_logged = True
+
+    def _broker_lost(self, reason: str) -> None:
+        self._log_outage(reason)
+        self._disconnect()
+        self._next_probe = time.monotonic() + self.settings.probe_interval_s
+
+    def _disconnect(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(Exception):
+                producer.close(timeout=0)  # undelivered batches are already in the spool
+
+    def _finish(self) -> None:
+        """Shutdown: everything still queued goes to Kafka (if it answers in time) or the spool."""
+        assert self._spool is not None
+        while items := self._take(0.0):
+            if self._producer is not None and time.monotonic() >= self._deadline - 0.5:
+                self._disconnect()  # out of time: the rest goes to the spool
+            self._dispatch(items)
+        while self._producer is not None and not self._spool.is_empty and time.monotonic() < self._deadline - 1.0:
+            self._replay(self.settings.batch_max_events)
+        self._spool.sync()
