@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.common.api import common_pb2, gateway_pb2
 from services.common.domain import (
+    FeedbackInput,
     GenerateChunk,
     GenerateInput,
     ModelInfo,
@@ -132,4 +133,15 @@ def model_info_from_pb(m: common_pb2.ModelInfo) -> ModelInfo:
         outputs=tuple(TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in m.outputs),
         max_batch_size=m.max_batch_size,
         ready=m.ready,
+    )
+
+
+def feedback_input_from_pb(r: gateway_pb2.FeedbackRequest) -> FeedbackInput:
+    return FeedbackInput(
+        prediction_id=r.prediction_id,
+        label=r.label,
+        rating=r.rating if r.HasField("rating") else None,
+        outcome=r.outcome,
+        text=r.text,
+        unit_id=r.unit_id,
     )

@@ -107,6 +107,16 @@ class GenerateChunk:
     output_tokens: int = 0
 
 
+@dataclass(slots=True)
+class FeedbackInput:
+    prediction_id: str
+    label: str = ""
+    rating: float | None = None
+    outcome: str = ""
+    text: str = ""
+    unit_id: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationUsage:
     input_tokens: int

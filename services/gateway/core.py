@@ -11,6 +11,7 @@ from typing import Protocol
 
 from services.common import errors, telemetry
 from services.common.domain import (
+    FeedbackInput,
     GenerateChunk,
     GenerateInput,
     GenerationUsage,
@@ -19,11 +20,11 @@ from services.common.domain import (
     PredictResult,
     RequestContext,
 )
-from services.gateway.hooks import CompletedRequest, GatewayHook
+from services.gateway.hooks import CompletedRequest, FeedbackRecord, GatewayHook
 from services.gateway.keys import Authenticator
 from services.gateway.ratelimit import TenantRateLimiter
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import validate_generate, validate_predict
+from services.gateway.validation import validate_feedback, validate_generate, validate_predict
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,30 @@ class Gateway:
                         usage=self._usage(last, started, first_token_at) if last else None,
                     )
                 )
+
+    # -- Feedback --
+
+    async def feedback(self, api_key: str | None, feedback: FeedbackInput) -> str:
+        tenant = await self.auth.authenticate(api_key)
+        self.limiter.admit_request(tenant)
+        validate_feedback(feedback, self.settings.request_limits)
+        record = FeedbackRecord(
+            feedback_id=uuid.uuid4().hex,
+            prediction_id=feedback.prediction_id,
+            tenant=tenant.name,
+            unit_id=feedback.unit_id,
+            created_at_unix=time.time(),
+            label=feedback.label,
+            rating=feedback.rating,
+            outcome=feedback.outcome,
+            text=feedback.text,
+            trace_id=telemetry.current_trace_id(),
+        )
+        if not any(hook.on_feedback(record) for hook in self.hooks):
+            raise errors.FailedPrecondition(
+                "feedback needs event emission: enable it with MLMESH_GATEWAY_EVENTS__ENABLED=true"
+            )
+        return record.feedback_id
 
     @staticmethod
     def _usage(chunk: GenerateChunk, started: float, first_token_at: float | None) -> GenerationUsage:

@@ -52,6 +52,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
             yield convert.chunk_to_pb(chunk, usage_pb)
 
+    async def Feedback(
+        self, request: gateway_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.FeedbackResponse:
+        feedback_id = await self.gateway.feedback(api_key_from(context), convert.feedback_input_from_pb(request))
+        return gateway_pb2.FeedbackResponse(feedback_id=feedback_id)
+
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:

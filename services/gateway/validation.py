@@ -6,7 +6,7 @@ import math
 import struct
 
 from services.common import errors
-from services.common.domain import DTYPE_ITEMSIZE, GenerateInput, ModelInfo, PredictInput, TensorData
+from services.common.domain import DTYPE_ITEMSIZE, FeedbackInput, GenerateInput, ModelInfo, PredictInput, TensorData
 from services.gateway.settings import RequestLimits
 
 
@@ -110,3 +110,19 @@ def validate_generate(request: GenerateInput, limits: RequestLimits) -> Generate
     if params.max_tokens == 0:
         request.max_tokens = limits.default_max_tokens
     return request
+
+
+def validate_feedback(feedback: FeedbackInput, limits: RequestLimits) -> None:
+    prediction_id = feedback.prediction_id
+    if not prediction_id:
+        raise errors.InvalidArgument("prediction_id: required (the id a Predict or Generate response carried)")
+    if len(prediction_id) > 64 or not prediction_id.replace("-", "").isalnum():
+        raise errors.InvalidArgument(f"prediction_id: '{prediction_id[:80]}' is not a prediction id")
+    if not (feedback.label or feedback.outcome or feedback.text or feedback.rating is not None):
+        raise errors.InvalidArgument("feedback: give at least one of label, rating, outcome or text")
+    if feedback.rating is not None and not math.isfinite(feedback.rating):
+        raise errors.InvalidArgument(f"rating: must be a finite number, got {feedback.rating}")
+    if len(feedback.text) > limits.max_prompt_chars:
+        raise errors.InvalidArgument(
+            f"text: {len(feedback.text)} characters exceeds the limit of {limits.max_prompt_chars}"
+        )

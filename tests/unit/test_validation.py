@@ -98,3 +98,15 @@ def test_generate_defaults_and_limits() -> None:
     assert_invalid("max_tokens", validate_generate, GenerateInput("llm", "hi", max_tokens=-1), LIMITS)
     assert_invalid("temperature", validate_generate, GenerateInput("llm", "hi", temperature=float("nan")), LIMITS)
     assert_invalid("top_p", validate_generate, GenerateInput("llm", "hi", top_p=1.5), LIMITS)
+
+
+def test_feedback_needs_a_prediction_id_and_some_content() -> None:
+    from services.common.domain import FeedbackInput
+    from services.gateway.validation import validate_feedback
+
+    validate_feedback(FeedbackInput(prediction_id="a" * 32, label="1"), LIMITS)
+    validate_feedback(FeedbackInput(prediction_id="a" * 32, rating=0.0), LIMITS)
+    assert_invalid("prediction_id: required", validate_feedback, FeedbackInput(prediction_id=""), LIMITS)
+    assert_invalid("is not a prediction id", validate_feedback, FeedbackInput(prediction_id="x'; DROP", label="1"), LIMITS)
+    assert_invalid("at least one of", validate_feedback, FeedbackInput(prediction_id="a" * 32), LIMITS)
+    assert_invalid("finite", validate_feedback, FeedbackInput(prediction_id="a" * 32, rating=float("inf")), LIMITS)
