@@ -17,6 +17,8 @@ from services.common.settings import TelemetrySettings
 from services.common.telemetry import setup_logging, setup_telemetry
 from services.gateway import servicer as gateway_servicer
 from services.gateway.core import Gateway, RouterPort
+from services.gateway.events import EventEmitter
+from services.gateway.hooks import GatewayHook
 from services.gateway.keys import Authenticator, KeyStore
 from services.gateway.ratelimit import TenantRateLimiter
 from services.gateway.settings import GatewaySettings
@@ -35,6 +37,7 @@ class Mesh:
     servers: dict[str, RunningServer] = field(default_factory=dict)
     router: RouterCore | None = None
     gateway: Gateway | None = None
+    emitter: EventEmitter | None = None
     _closers: list = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -90,7 +93,14 @@ async def start_mesh(
             else:
                 raise ValueError("gateway without a co-hosted router needs MLMESH_GATEWAY_ROUTER_ADDRESS")
             auth = Authenticator(KeyStore(settings_gw.keys_db), settings_gw.key_cache_ttl_s)
-            mesh.gateway = Gateway(router, auth, TenantRateLimiter(), settings_gw)
+            hooks: list[GatewayHook] = []
+            if settings_gw.events.enabled:
+                emitter = EventEmitter(settings_gw.events)
+                emitter.start()
+                mesh.emitter = emitter
+                hooks.append(emitter)
+                mesh._closers.append(lambda: asyncio.to_thread(emitter.close))
+            mesh.gateway = Gateway(router, auth, TenantRateLimiter(), settings_gw, hooks)
             mesh._tasks.append(
                 asyncio.create_task(mesh.gateway.keep_models_fresh(settings_gw.model_refresh_interval_s))
             )

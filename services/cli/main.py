@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from services.cli.client import (
     resolve_api_key,
     tensor_to_numpy,
 )
-from services.common.api import common_pb2, gateway_pb2
+from services.common.api import common_pb2, gateway_pb2, logger_pb2, logger_pb2_grpc
 
 console = Console()
 err_console = Console(stderr=True)
@@ -136,6 +138,88 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    request = gateway_pb2.FeedbackRequest(
+        prediction_id=args.prediction_id,
+        label=args.label or "",
+        outcome=args.outcome or "",
+        text=args.text or "",
+        unit_id=args.unit_id or "",
+    )
+    if args.rating is not None:
+        request.rating = args.rating
+    channel, stub = gateway_stub(args.gateway)
+    try:
+        response = stub.Feedback(request, metadata=auth_metadata(resolve_api_key(args.api_key)), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    console.print(f"feedback [bold]{response.feedback_id}[/bold] recorded for prediction {args.prediction_id}")
+    return 0
+
+
+RECENT_PREDICTIONS_SQL = """
+SELECT p.started_at, p.prediction_id, p.model, p.model_version, p.status_code,
+       round(p.latency_ms, 2) AS latency_ms, p.output_tokens,
+       substring(p.completion, 1, 60) AS completion, f.label, f.rating
+FROM (SELECT * FROM predictions FINAL) AS p
+LEFT JOIN (SELECT * FROM feedback FINAL) AS f ON f.prediction_id = p.prediction_id
+ORDER BY p.started_at DESC
+LIMIT {limit}
+"""
+
+
+def _logger_stub(address: str) -> tuple[grpc.Channel, logger_pb2_grpc.LoggerStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, logger_pb2_grpc.LoggerStub(channel)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    sql = args.sql or RECENT_PREDICTIONS_SQL.format(limit=args.limit)
+    channel, stub = _logger_stub(args.logger)
+    try:
+        response = stub.Query(logger_pb2.QueryRequest(sql=sql, max_rows=args.limit), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    if args.json:
+        for row in response.rows:
+            print(row)
+        return 0
+    table = Table(title=f"{len(response.rows)} rows ({response.elapsed_ms:.1f} ms)")
+    for column in response.columns:
+        table.add_column(column.name)
+    for row in response.rows:
+        table.add_row(*["" if v is None else str(v) for v in json.loads(row)])
+    console.print(table)
+    if response.truncated:
+        console.print(f"[yellow]truncated to {len(response.rows)} rows[/yellow]")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    channel, stub = _logger_stub(args.logger)
+    try:
+        response = stub.DeleteUser(
+            logger_pb2.DeleteUserRequest(unit_id=args.user, requested_by=args.requested_by, reason=args.reason),
+            timeout=args.timeout,
+        )
+    except grpc.RpcError as exc:
+        return _fail_rpc(exc)
+    finally:
+        channel.close()
+    table = Table(title=f"right-to-delete for user {args.user!r} (audit id {response.audit_id})")
+    for column in ("table", "rows removed", "rows remaining"):
+        table.add_column(column)
+    for t in response.tables:
+        table.add_row(t.table, str(t.rows_removed), str(t.rows_remaining))
+    console.print(table)
+    console.print("[green]verified: no rows remain[/green]" if response.verified else "[red]NOT verified[/red]")
+    return 0 if response.verified else 1
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from services.common import errors
     from services.gateway.keys import KeyStore
@@ -222,6 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models the gateway serves")
     client_args(models)
     models.set_defaults(func=cmd_models)
+
+    feedback = sub.add_parser("feedback", help="send ground truth / a rating for a prediction")
+    client_args(feedback)
+    feedback.add_argument("prediction_id")
+    feedback.add_argument("--label")
+    feedback.add_argument("--rating", type=float)
+    feedback.add_argument("--outcome")
+    feedback.add_argument("--text")
+    feedback.add_argument("--unit-id")
+    feedback.set_defaults(func=cmd_feedback)
+
+    def logger_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--logger", default="127.0.0.1:50053", help="logger address (default %(default)s)")
+        p.add_argument("--timeout", type=float, default=60.0)
+
+    query = sub.add_parser("query", help="query stored predictions and feedback (read-only SQL)")
+    logger_args(query)
+    query.add_argument("sql", nargs="?", help="a SELECT; default: recent predictions with their feedback")
+    query.add_argument("--limit", type=int, default=20)
+    query.add_argument("--json", action="store_true", help="one JSON array per row")
+    query.set_defaults(func=cmd_query)
+
+    privacy = sub.add_parser("privacy", help="privacy operations")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    delete = privacy_sub.add_parser("delete", help="delete every stored row of one user, verified and audited")
+    logger_args(delete)
+    delete.add_argument("--user", required=True, help="the unit_id / user id")
+    delete.add_argument("--requested-by", default=os.environ.get("USER", "cli"))
+    delete.add_argument("--reason", default="right-to-delete request")
+    delete.set_defaults(func=cmd_privacy)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed)")
     keys.add_argument("--db", help="key database (default: the gateway's MLMESH_GATEWAY_KEYS_DB)")

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
 from services.cli.client import DEV_KEY_FILE
+from services.common.kafka import KafkaSettings, ensure_topics
 from services.common.net import free_port
 from services.common.server import wait_for_shutdown_signal
-from services.common.settings import REPO_ROOT, load_yaml
+from services.common.settings import REPO_ROOT, STATE_DIR, load_yaml
+from services.common.tansu import TansuBroker
 from services.common.telemetry import setup_logging
 from services.common.triton_server import TritonServer, load_model_sync
 from services.gateway.keys import KeyStore
@@ -36,6 +43,8 @@ class UpSettings(BaseSettings):
     triton_grpc_port: int = 0  # 0 -> pick a free port
     triton_http_port: int = 0
     triton_metrics_port: int = 0
+    kafka_port: int = 9092  # the embedded Tansu broker (memory storage)
+    logger_port: int = 50053
 
 
 def _ensure_dev_key(store: KeyStore) -> str:
@@ -79,9 +88,20 @@ def run_up(config_path: Path | None = None, llm: str | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     triton: TritonServer | None = None
+    broker: TansuBroker | None = None
+    logger_process: subprocess.Popen[bytes] | None = None
     try:
         with console.status("[bold]preparing models[/bold]") as status:
             llm_dir = _prepare_models(up, status)
+            status.update("[bold]starting the Kafka broker (Tansu)[/bold]")
+            broker = TansuBroker(up.kafka_port)
+            broker.start()
+            broker.wait_ready()
+            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+            ensure_topics(kafka)
+            console.print(f"[green]✓[/green] Kafka broker (Tansu) on {broker.bootstrap}")
+            status.update("[bold]starting the logger (Kafka → ClickHouse)[/bold]")
+            logger_process = _start_logger(up, broker.bootstrap)
             status.update("[bold]starting Triton[/bold]")
             triton = TritonServer(
                 up.model_repository,
@@ -98,23 +118,71 @@ def run_up(config_path: Path | None = None, llm: str | None = None) -> int:
                 load_model_sync(triton.grpc_url, name, params, model_repository=up.model_repository)
                 console.print(f"[green]✓[/green] loaded {name} ({time.perf_counter() - started:.1f}s)")
             api_key = _ensure_dev_key(KeyStore(gateway_settings.keys_db))
+            status.update("[bold]waiting for the logger[/bold]")
+            _wait_healthy(f"127.0.0.1:{up.logger_port}", logger_process, 60)
+            console.print(f"[green]✓[/green] logger on 127.0.0.1:{up.logger_port} (ClickHouse: embedded chdb)")
+        gateway_settings.events = gateway_settings.events.model_copy(update={"enabled": True, "kafka": kafka})
         router_settings = RouterSettings(**{**config.get("router", {}), "triton_url": triton.grpc_url})
-        asyncio.run(_serve(gateway_settings, router_settings, triton, api_key))
+        asyncio.run(_serve(gateway_settings, router_settings, triton, api_key, up))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         console.print(f"[red]error[/red] {exc}")
         return 1
     finally:
+        if logger_process is not None and logger_process.poll() is None:
+            console.print("stopping the logger ...")
+            logger_process.send_signal(signal.SIGTERM)
+            try:
+                logger_process.wait(30)
+            except subprocess.TimeoutExpired:
+                logger_process.kill()
         if triton is not None:
             console.print("stopping Triton ...")
             triton.stop()
+        if broker is not None:
+            broker.stop()
     console.print("mlmesh stopped.")
     return 0
 
 
+def _start_logger(up: UpSettings, bootstrap: str) -> subprocess.Popen[bytes]:
+    """The logger owns the embedded ClickHouse directory (chdb allows one process per path)."""
+    log_path = STATE_DIR / "logs" / "logger.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "MLMESH_LOGGER_PORT": str(up.logger_port),
+        "MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+    }
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.logger"], env=env, stdout=log, stderr=log, start_new_session=True
+        )
+
+
+def _wait_healthy(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise OSError(f"logger exited with code {process.returncode}; see {STATE_DIR / 'logs' / 'logger.log'}")
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise OSError(f"logger not healthy on {address} after {timeout_s:.0f}s")
+
+
 async def _serve(
-    gateway_settings: GatewaySettings, router_settings: RouterSettings, triton: TritonServer, api_key: str
+    gateway_settings: GatewaySettings,
+    router_settings: RouterSettings,
+    triton: TritonServer,
+    api_key: str,
+    up: UpSettings,
 ) -> None:
     try:
         mesh = await start_mesh({"gateway", "router"}, gateway_settings, router_settings)
@@ -126,11 +194,15 @@ async def _serve(
     table.add_row("gateway (public API)", mesh.address("gateway").replace("127.0.0.1", gateway_settings.host))
     table.add_row("router (internal)", mesh.address("router"))
     table.add_row("triton gRPC / HTTP", f"{triton.grpc_url} / {triton.http_url}")
+    table.add_row("logger (events → ClickHouse)", f"127.0.0.1:{up.logger_port}")
+    table.add_row("Kafka (Tansu)", gateway_settings.events.kafka.bootstrap_servers)
     console.print(table)
     console.print(f"dev API key (tenant 'dev'): [bold]{api_key}[/bold]  (saved in {DEV_KEY_FILE})")
     console.print("try, in another terminal:")
     console.print("  .venv/bin/mlmesh predict --sample 3")
     console.print('  .venv/bin/mlmesh generate "What is the capital of France?"')
+    console.print("  .venv/bin/mlmesh feedback <prediction id> --label 1")
+    console.print("  .venv/bin/mlmesh query")
     console.print("serving until Ctrl-C")
     try:
         await wait_for_shutdown_signal()

@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import STATE_DIR, ServerSettings
+from services.gateway.events_settings import EventSettings
 
 
 class TenantLimits(BaseModel):
@@ -34,3 +35,6 @@ class GatewaySettings(ServerSettings):
     generate_timeout_s: float = 300.0
     key_cache_ttl_s: float = 30.0
     model_refresh_interval_s: float = 2.0
+    # Prediction and feedback events to Kafka (MLMESH_GATEWAY_EVENTS__ENABLED=true,
+    # MLMESH_GATEWAY_EVENTS__KAFKA__BOOTSTRAP_SERVERS=host:port).
+    events: EventSettings = EventSettings()
