@@ -2,10 +2,22 @@
 
 from services.common.gen.mlmesh.v1 import (
     common_pb2,
+    events_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    logger_pb2,
+    logger_pb2_grpc,
     router_pb2,
     router_pb2_grpc,
 )
 
-__all__ = ["common_pb2", "gateway_pb2", "gateway_pb2_grpc", "router_pb2", "router_pb2_grpc"]
+__all__ = [
+    "common_pb2",
+    "events_pb2",
+    "gateway_pb2",
+    "gateway_pb2_grpc",
+    "logger_pb2",
+    "logger_pb2_grpc",
+    "router_pb2",
+    "router_pb2_grpc",
+]

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import time
 from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
-from kafka.errors import KafkaError, NoBrokersAvailable
 from pydantic import BaseModel, Field, SecretStr
 
 log = logging.getLogger(__name__)
@@ -64,26 +62,16 @@ class KafkaSettings(BaseModel):
         return options
 
 
-def ensure_topics(
-    settings: KafkaSettings, topics: list[str] | None = None, *, timeout_s: float = 30.0
-) -> list[str]:
+def ensure_topics(settings: KafkaSettings, topics: list[str] | None = None, *, timeout_s: float = 30.0) -> list[str]:
     """Creates the topics that do not exist yet (all four by default); returns the ones created.
 
     Explicit creation because auto-created topics get the broker's default partition count; no
-    describe_* call is made (they trip over Tansu's permissions field). Retries connecting until
-    timeout_s passes (a broker started alongside may still be binding its port).
+    describe_* call is made (they trip over Tansu's permissions field). Raises KafkaTimeoutError
+    when no broker answers within timeout_s.
     """
     wanted = topics if topics is not None else settings.topics
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin = KafkaAdminClient(**settings.connection_options())
-            break
-        except (NoBrokersAvailable, KafkaError) as error:
-            if time.monotonic() >= deadline:
-                raise
-            log.info("kafka not reachable yet (%s); retrying", error)
-            time.sleep(0.5)
+    # kafka-python keeps retrying the bootstrap itself, for up to bootstrap_timeout_ms.
+    admin = KafkaAdminClient(**settings.connection_options(), bootstrap_timeout_ms=int(timeout_s * 1000))
     created: list[str] = []
     try:
         request = {
@@ -140,6 +128,9 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, topics: list[st
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
         "max_poll_records": 5000,
+        # Tansu answers a waiting fetch only when fetch_max_wait_ms expires, even if records
+        # arrived meanwhile (measured p50 132 ms at the default 500, 8 ms at 20).
+        "fetch_max_wait_ms": 50,
         "fetch_max_bytes": 64 * 1024 * 1024,
         "max_partition_fetch_bytes": 16 * 1024 * 1024,
         "check_crcs": HAS_C_CRC32C,

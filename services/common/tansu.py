@@ -121,7 +121,9 @@ class TansuBroker:
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     pass
-                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap, request_timeout_ms=3000, bootstrap_timeout_ms=2000
+                )
                 try:
                     admin.list_topics()
                 finally:

@@ -221,10 +221,13 @@ class Gateway:
             text=feedback.text,
             trace_id=telemetry.current_trace_id(),
         )
-        if not any(hook.on_feedback(record) for hook in self.hooks):
+        publishers = [hook for hook in self.hooks if hook.accepts_feedback]
+        if not publishers:
             raise errors.FailedPrecondition(
                 "feedback needs event emission: enable it with MLMESH_GATEWAY_EVENTS__ENABLED=true"
             )
+        if not any([hook.on_feedback(record) for hook in publishers]):
+            raise errors.ResourceExhausted("the event queue is full; retry shortly", retry_after_s=1.0)
         return record.feedback_id
 
     @staticmethod

@@ -27,7 +27,9 @@ class EventSettings(BaseModel):
     batch_max_events: int = Field(default=1000, ge=1)
     # Records replayed between two looks at the live queue, so new events keep moving.
     replay_chunk_events: int = Field(default=5000, ge=1)
-    linger_ms: int = Field(default=5, ge=0)
+    # How long the sender gathers events into one produce request. kafka-python costs ~1 ms of
+    # CPU per request (measured): 20 ms cut emission's CPU from ~320 to ~130 us/event at 2k/s.
+    linger_ms: int = Field(default=20, ge=0)
     # How long a batch may wait for its acks before it goes to the spool (also bounds how long
     # the producer retries against a dead broker).
     delivery_timeout_s: float = Field(default=5.0, ge=1.0)

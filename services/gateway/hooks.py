@@ -52,6 +52,8 @@ class FeedbackRecord:
 class GatewayHook:
     """Base with no-op defaults; subclasses override what they need. Raise a MeshError to reject."""
 
+    accepts_feedback = False  # hooks that publish feedback set this
+
     async def check_input(self, tenant: Tenant, request: PredictInput | GenerateInput) -> None:
         return None
 

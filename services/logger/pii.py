@@ -39,7 +39,7 @@ _PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\d
 _PHONE_US = re.compile(r"(?<![\w+])(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-]?)\d{3}[ .-]?\d{4}(?![\d]|-\d)")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d]|\.\d)")
 # Loose candidates; ipaddress decides. Two colons at least, so times like 12:30 never match.
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -78,7 +78,10 @@ def _ipv4_ok(match: str) -> bool:
 
 
 def _ipv6_ok(match: str) -> bool:
-    if not match.strip(":"):
+    groups = [group for group in match.split(":") if group]
+    # Real addresses nearly always have a group of 3-4 hex digits (2001:db8::, fe80::); this
+    # keeps code like a::b or Foo::bar out. The loopback ::1 and v4-mapped forms are the exceptions.
+    if not groups or (match != "::1" and "." not in match and max(len(g) for g in groups) < 3):
         return False
     try:
         ipaddress.IPv6Address(match)
@@ -95,8 +98,11 @@ class _Detector:
     needs: Callable[[str], bool]
 
 
+_DIGIT = re.compile(r"\d")
+
+
 def _has_digit(text: str) -> bool:
-    return any(ch.isdigit() for ch in text)
+    return _DIGIT.search(text) is not None
 
 
 # Order matters: e-mails first (they may contain digits), IBANs before cards and phones (their
@@ -145,7 +151,7 @@ def redact(text: str) -> str:
 def _replacement(detector: _Detector, found: str) -> str:
     if detector.kind == "IBAN":
         prefix = _iban_prefix(found)
-        return found if prefix is None else f"[IBAN]{found[len(prefix):]}"
+        return found if prefix is None else f"[IBAN]{found[len(prefix) :]}"
     if detector.valid is None or detector.valid(found):
         return f"[{detector.kind}]"
     return found
@@ -185,6 +191,7 @@ class PiiPolicy:
 
     actions: Mapping[str, PiiAction] = field(default_factory=lambda: dict(DEFAULT_POLICY))
     salt: bytes = b""
+    _resolved: dict[str, PiiAction] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.actions) - POLICY_FIELDS
@@ -192,15 +199,18 @@ class PiiPolicy:
             raise ValueError(f"unknown PII policy fields {sorted(unknown)}; known: {sorted(POLICY_FIELDS)}")
         if "hash" in self.actions.values() and not self.salt:
             raise ValueError("a PII policy with `hash` needs a secret salt")
+        object.__setattr__(
+            self, "_resolved", {name: self.actions.get(name, DEFAULT_POLICY[name]) for name in POLICY_FIELDS}
+        )
 
     def action(self, field_name: str) -> PiiAction:
-        return self.actions.get(field_name, DEFAULT_POLICY[field_name])
+        return self._resolved[field_name]
 
     def apply(self, field_name: str, value: str) -> str:
         """The value as it may be stored. Empty stays empty (no hash of nothing)."""
         if not value:
             return value
-        action = self.action(field_name)
+        action = self._resolved[field_name]
         if action == "keep":
             return value
         if action == "hash":

@@ -1,0 +1,1 @@
+"""Logger service: Kafka events -> PII policy -> ClickHouse; queries, right-to-delete, retention."""
