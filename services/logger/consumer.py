@@ -184,6 +184,7 @@ class ConsumerStats:
     dropped_erased: int = 0  # events of users erased after the event happened
     batches: int = 0
     failures: int = 0  # batches rewound after an error
+    in_flight: int = 0  # records read but not committed yet
     last_error: str = ""
     last_batch_ms: float = 0.0
     last_commit_unix: float = 0.0
@@ -310,7 +311,7 @@ class EventConsumer:
                 if batch is not None:
                     batch.stored = writer.submit(self._write, batch)
                     pending = batch
-                self._update_lag()
+                self._update_lag(len(pending.records) if pending is not None else 0)
             if pending is not None:
                 self._finish(pending, None)
         finally:
@@ -469,7 +470,7 @@ class EventConsumer:
             if tp in assigned:
                 self._consumer.seek(tp, offset)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, in_flight: int) -> None:
         if self._consumer is None:
             return
         lags: list[PartitionLag] = []
@@ -485,6 +486,7 @@ class EventConsumer:
                 lags.append(PartitionLag(tp.topic, tp.partition, position, end))
         with self._stats_lock:
             self._stats.partitions = lags
+            self._stats.in_flight = in_flight
 
     def _record_error(self, message: str) -> None:
         log.warning("%s", message)

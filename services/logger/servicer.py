@@ -81,6 +81,7 @@ class LoggerServicer(logger_pb2_grpc.LoggerServicer):
             last_error=stats.last_error,
             last_batch_ms=stats.last_batch_ms,
             consuming=consuming,
+            in_flight=stats.in_flight,
         )
 
 
