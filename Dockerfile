@@ -41,10 +41,11 @@ COPY services/ services/
 RUN pip install --no-deps -e . \
  && python -m services.common.protogen
 
-# Non-root. /data holds the gateway's key database and /artifacts the built models; compose
-# mounts named volumes there, which start with this ownership.
+# Non-root. /data holds the gateway's key database (and the logger's state), /data/spool the
+# gateway's event spool, /artifacts the built models; compose mounts named volumes there, which
+# start with this ownership (a volume on a path the image lacks would start root-owned).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/mlmesh mlmesh \
- && mkdir -p /data /artifacts/llm \
+ && mkdir -p /data/spool /artifacts/llm \
  && chown -R mlmesh:mlmesh /data /artifacts
 USER mlmesh
 

@@ -69,4 +69,3 @@ async def triton_client(triton: TritonServer) -> AsyncIterator[InferenceServerCl
 # Mesh fixtures live in their own module; importing them here registers them for this folder.
 from tests.integration.kafka_fixtures import kafka_broker  # noqa: E402, F401
 from tests.integration.mesh_fixtures import mesh_endpoint  # noqa: E402, F401
-from tests.integration.kafka_fixtures import kafka_broker  # noqa: E402, F401

@@ -4,7 +4,8 @@ No Docker engine runs here, so nothing is started: `docker-compose config` valid
 normalizes the file, and the asserts check what a user depends on when they run it: the
 gateway is published on 50051, every MLMESH_* variable is one the settings classes read
 (pydantic-settings would silently ignore a misspelt one), the services find each other, Triton
-loads the models the router routes to, and startup waits on health checks.
+loads the models the router routes to, the analytics plane (gateway -> Kafka -> logger ->
+ClickHouse) is wired to one broker and one store, and startup waits on health checks.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import os
 import re
 import shutil
 import subprocess
+import types
 import typing
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
@@ -25,12 +28,15 @@ from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 from tritonclient.grpc import model_config_pb2
 
+from services.common.kafka import KafkaSettings
 from services.common.settings import REPO_ROOT, TelemetrySettings
 from services.gateway.settings import GatewaySettings
+from services.logger.settings import LoggerSettings
 from services.router.settings import DEFAULT_ROUTES, RouterSettings
 
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 TRITON_DOCKERFILE = REPO_ROOT / "Dockerfile.triton"
+MLMESH_DOCKERFILE = REPO_ROOT / "Dockerfile"
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 DOCKER_COMPOSE = shutil.which("docker-compose")
 NEEDS_DOCKER_COMPOSE = pytest.mark.skipif(
@@ -42,6 +48,7 @@ NEEDS_DOCKER_COMPOSE = pytest.mark.skipif(
 SETTINGS_BY_PREFIX: dict[str, type[BaseSettings]] = {
     "MLMESH_GATEWAY_": GatewaySettings,
     "MLMESH_ROUTER_": RouterSettings,
+    "MLMESH_LOGGER_": LoggerSettings,
     "MLMESH_OTEL_": TelemetrySettings,
 }
 PROCESS_VARIABLES = {
@@ -51,6 +58,8 @@ PROCESS_VARIABLES = {
     "MLMESH_LLM_MODEL_DIR": "model_repository/llm/1/model.py, inside Triton",
 }
 TRITON_GRPC_PORT = 8001  # tritonserver's default; the image's CMD does not change it
+CLICKHOUSE_HTTP_PORT = 8123  # clickhouse-server's HTTP interface (the image's default)
+SERVICES = ("models", "triton", "router", "gateway", "kafka", "clickhouse", "logger")
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +68,9 @@ pytestmark = pytest.mark.integration
 
 
 def _compose_env() -> dict[str, str]:
-    """The caller's environment minus what would change the rendered file."""
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_") and k not in {"MLMESH_LLM", "DOCKER_HOST"}
-    }
+    """The caller's environment minus what would change the rendered file (MLMESH_* included:
+    MLMESH_LLM, the ClickHouse credentials and the passed-through PII salt are interpolated)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "MLMESH_")) and k != "DOCKER_HOST"}
 
 
 def _docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -78,11 +86,24 @@ def _docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _interpolate_defaults(value: Any) -> Any:
+    """Without docker-compose: `${VAR:-default}` -> default, `${VAR}` -> "", `$$` -> `$` (what it
+    renders from an environment without the MLMESH_* variables, as _compose_env() passes it)."""
+    if isinstance(value, dict):
+        return {key: _interpolate_defaults(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_defaults(item) for item in value]
+    if not isinstance(value, str):
+        return value
+    substituted = re.sub(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+    return substituted.replace("$$", "$")
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """The file as docker-compose resolves it (interpolated, normalized); raw YAML without it."""
     if DOCKER_COMPOSE is None:
-        return yaml.safe_load(COMPOSE_FILE.read_text())
+        return _interpolate_defaults(yaml.safe_load(COMPOSE_FILE.read_text()))
     rendered = _docker_compose("--profile", "gpu", "config")
     assert rendered.returncode == 0, f"docker-compose config failed:\n{rendered.stderr}"
     return yaml.safe_load(rendered.stdout)
@@ -93,11 +114,21 @@ def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
     return compose["services"][name]
 
 
-def environment(svc: dict[str, Any]) -> dict[str, str]:
+def _raw_environment(svc: dict[str, Any]) -> dict[str, Any]:
     env = svc.get("environment") or {}
     if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {str(k): v for k, v in env.items()}
+
+
+def environment(svc: dict[str, Any]) -> dict[str, str]:
+    return {k: "" if v is None else str(v) for k, v in _raw_environment(svc).items()}
+
+
+def unset_passthrough(svc: dict[str, Any]) -> set[str]:
+    """Variables listed without a value that the caller's environment did not set either: the
+    container does not get them at all (not even empty)."""
+    return {k for k, v in _raw_environment(svc).items() if v is None}
 
 
 def published_ports(svc: dict[str, Any]) -> dict[int, int]:
@@ -152,17 +183,28 @@ def host_port(address: str) -> tuple[str, int]:
 
 
 def path_under_mount(path: str, svc: dict[str, Any]) -> tuple[str, str] | None:
-    """(mount target, source) of the mount that holds `path`, if any."""
-    for target, source in mounts(svc).items():
-        if path == target or path.startswith(target.rstrip("/") + "/"):
-            return target, source
-    return None
+    """(mount target, source) of the mount that holds `path`, if any (the deepest: mounts nest)."""
+    holders = [
+        (target, source)
+        for target, source in mounts(svc).items()
+        if path == target or path.startswith(target.rstrip("/") + "/")
+    ]
+    return max(holders, key=lambda holder: len(holder[0]), default=None)
 
 
 def triton_config(name: str) -> model_config_pb2.ModelConfig:
     path = MODEL_REPOSITORY / name / "config.pbtxt"
     assert path.is_file(), f"{path} is missing"
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _without_none(annotation: Any) -> Any:
+    """`X | None` -> X (a nested model may be optional); other annotations unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
 
 
 def settings_field_for(settings_cls: type[BaseSettings], variable: str, prefix: str) -> str | None:
@@ -175,7 +217,7 @@ def settings_field_for(settings_cls: type[BaseSettings], variable: str, prefix: 
         if part not in model.model_fields:
             where = model.__name__ if depth else settings_cls.__name__
             return f"{variable}: {where} has no field {part!r} (fields: {sorted(model.model_fields)})"
-        annotation = model.model_fields[part].annotation
+        annotation = _without_none(model.model_fields[part].annotation)
         origin = typing.get_origin(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
@@ -198,7 +240,7 @@ def test_docker_compose_config_accepts_the_file(profile: str | None) -> None:
     services = _docker_compose(*(args[:2] if profile else ()), "config", "--services")
     assert services.returncode == 0, services.stderr
     names = set(services.stdout.split())
-    assert {"models", "triton", "router", "gateway"} <= names
+    assert set(SERVICES) <= names
     if profile == "gpu":
         assert "triton-gpu" in names
 
@@ -211,7 +253,7 @@ def test_gateway_is_published_on_50051_and_listens_there(compose: dict[str, Any]
     assert env.get("MLMESH_GATEWAY_HOST") == "0.0.0.0", "the gateway must listen beyond the container's loopback"
 
 
-@pytest.mark.parametrize("name", ["models", "triton", "router", "gateway", "triton-gpu"])
+@pytest.mark.parametrize("name", [*SERVICES, "triton-gpu"])
 def test_every_mlmesh_variable_is_read_by_someone(compose: dict[str, Any], name: str) -> None:
     problems = []
     for variable in environment(service(compose, name)):
@@ -232,26 +274,44 @@ def test_llm_model_dir_variable_is_the_one_the_triton_model_reads() -> None:
     assert re.search(r"""MODEL_DIR_ENV\s*=\s*["']MLMESH_LLM_MODEL_DIR["']""", model_py)
 
 
-@pytest.mark.parametrize(("name", "settings_cls"), [("router", RouterSettings), ("gateway", GatewaySettings)])
+def load_settings(
+    compose: dict[str, Any], name: str, settings_cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
+) -> BaseSettings:
+    """settings_cls as the service's container builds it from its compose environment."""
+    for variable in list(os.environ):
+        if variable.startswith("MLMESH_"):
+            monkeypatch.delenv(variable)
+    svc = service(compose, name)
+    unset = unset_passthrough(svc)
+    for variable, value in environment(svc).items():
+        if variable not in unset:
+            monkeypatch.setenv(variable, value)
+    return settings_cls()
+
+
+@pytest.mark.parametrize(
+    ("name", "settings_cls"), [("router", RouterSettings), ("gateway", GatewaySettings), ("logger", LoggerSettings)]
+)
 def test_service_settings_load_from_the_compose_environment(
     compose: dict[str, Any], name: str, settings_cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The values parse too (a port that is not a number, a bad nested value, would fail here)."""
-    for variable in list(os.environ):
-        if variable.startswith("MLMESH_"):
-            monkeypatch.delenv(variable)
+    settings = load_settings(compose, name, settings_cls, monkeypatch)
     env = environment(service(compose, name))
-    for variable, value in env.items():
-        monkeypatch.setenv(variable, value)
-    settings = settings_cls()
     assert settings.host == "0.0.0.0"
     if name == "router":
         assert isinstance(settings, RouterSettings)
         assert settings.triton_url == env["MLMESH_ROUTER_TRITON_URL"]
-    else:
+    elif name == "gateway":
         assert isinstance(settings, GatewaySettings)
         assert settings.router_address == env["MLMESH_GATEWAY_ROUTER_ADDRESS"]
         assert str(settings.keys_db) == env["MLMESH_GATEWAY_KEYS_DB"]
+        assert settings.events.enabled, "the gateway would not emit events"
+        assert str(settings.events.spool_dir) == env["MLMESH_GATEWAY_EVENTS__SPOOL_DIR"]
+    else:
+        assert isinstance(settings, LoggerSettings)
+        assert settings.clickhouse_dsn == env["MLMESH_LOGGER_CLICKHOUSE_DSN"]
+        assert settings.kafka.bootstrap_servers == env["MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS"]
 
 
 def test_services_find_each_other(compose: dict[str, Any]) -> None:
@@ -274,6 +334,100 @@ def test_gateway_keys_survive_restarts(compose: dict[str, Any]) -> None:
     mount = path_under_mount(keys_db, gateway)
     assert mount is not None, f"{keys_db} is not on a volume: API keys would vanish with the container"
     assert mount[1] in (compose.get("volumes") or {}), f"{mount[1]} should be a named volume"
+
+
+def test_gateway_and_logger_share_one_kafka(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway_env = environment(service(compose, "gateway"))
+    logger_env = environment(service(compose, "logger"))
+    assert gateway_env.get("MLMESH_GATEWAY_EVENTS__ENABLED") == "true", "the gateway emits no events"
+    gateway_bootstrap = gateway_env.get("MLMESH_GATEWAY_EVENTS__KAFKA__BOOTSTRAP_SERVERS")
+    logger_bootstrap = logger_env.get("MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS")
+    assert gateway_bootstrap, "without it the gateway produces to its own loopback"
+    assert gateway_bootstrap == logger_bootstrap, "the logger must consume from the broker the gateway produces to"
+
+    # Every bootstrap address is the kafka service's advertised in-network listener.
+    kafka_env = environment(service(compose, "kafka"))
+    advertised = {
+        host_port(listener.split("://", 1)[1]) for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    }
+    for address in gateway_bootstrap.split(","):
+        assert host_port(address.strip()) in advertised, f"{address} is not a listener kafka advertises: {advertised}"
+        assert host_port(address.strip())[0] == "kafka"
+
+    # Same topic names on both sides (the defaults, unless both override them alike).
+    gateway = load_settings(compose, "gateway", GatewaySettings, monkeypatch)
+    logger = load_settings(compose, "logger", LoggerSettings, monkeypatch)
+    assert isinstance(gateway, GatewaySettings) and isinstance(logger, LoggerSettings)
+    assert gateway.events.kafka.topics == logger.kafka.topics
+
+
+def test_kafka_is_a_single_kraft_node_without_topic_auto_creation(compose: dict[str, Any]) -> None:
+    kafka = service(compose, "kafka")
+    assert kafka["image"] == "apache/kafka:3.9.0"
+    env = environment(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, "KRaft, combined node"
+    assert env.get("CLUSTER_ID"), "KRaft storage is formatted with CLUSTER_ID"
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in env["KAFKA_LISTENERS"]
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "the services create their topics explicitly"
+    # One broker: nothing may ask for more replicas than that, or topics/groups never come up.
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "1"
+    assert KafkaSettings().replication_factor == 1
+    mount = path_under_mount(env["KAFKA_LOG_DIRS"], kafka)
+    assert mount is not None and mount[1] in (compose.get("volumes") or {}), "the event log must be on a volume"
+    check = " ".join(kafka["healthcheck"]["test"])
+    assert re.search(r"/opt/kafka/bin/kafka-(broker-api-versions|topics)\.sh", check), check
+
+
+def test_logger_stores_into_the_clickhouse_service(compose: dict[str, Any]) -> None:
+    clickhouse = service(compose, "clickhouse")
+    assert clickhouse["image"].startswith("clickhouse/clickhouse-server:24.8")
+    ch_env = environment(clickhouse)
+    dsn = urlparse(environment(service(compose, "logger"))["MLMESH_LOGGER_CLICKHOUSE_DSN"])
+    assert dsn.scheme == "http", "the logger must talk to the server over HTTP, not embedded chdb"
+    assert (dsn.hostname, dsn.port) == ("clickhouse", CLICKHOUSE_HTTP_PORT)
+    # The credentials and database the server's entrypoint creates (clickhouse-connect unquotes them).
+    assert ch_env.get("CLICKHOUSE_USER") and ch_env.get("CLICKHOUSE_PASSWORD")
+    assert unquote(dsn.username or "") == ch_env["CLICKHOUSE_USER"]
+    assert unquote(dsn.password or "") == ch_env["CLICKHOUSE_PASSWORD"]
+    assert unquote(dsn.path.lstrip("/")) == ch_env.get("CLICKHOUSE_DB", "default")
+    mount = path_under_mount("/var/lib/clickhouse", clickhouse)
+    assert mount is not None and mount[1] in (compose.get("volumes") or {}), "ClickHouse data must be on a volume"
+
+
+def test_logger_pii_salt_is_secret_and_stable(compose: dict[str, Any]) -> None:
+    logger = service(compose, "logger")
+    env = environment(logger)
+    salt = env.get("MLMESH_LOGGER_PII_HASH_SALT")
+    if salt is not None and "MLMESH_LOGGER_PII_HASH_SALT" not in unset_passthrough(logger):
+        assert salt, "an empty salt hashes PII without a secret"
+        return
+    # Not given: generated once into the salt file, which must outlive the container.
+    salt_file = env.get(
+        "MLMESH_LOGGER_PII_HASH_SALT_FILE", str(LoggerSettings.model_fields["pii_hash_salt_file"].default)
+    )
+    mount = path_under_mount(salt_file, logger)
+    assert mount is not None and mount[1] in (compose.get("volumes") or {}), (
+        f"{salt_file} is on no named volume: every new container would hash with a new salt"
+    )
+
+
+def test_gateway_spools_to_a_volume_it_owns(compose: dict[str, Any]) -> None:
+    gateway = service(compose, "gateway")
+    spool_dir = environment(gateway)["MLMESH_GATEWAY_EVENTS__SPOOL_DIR"]
+    mount = path_under_mount(spool_dir, gateway)
+    assert mount is not None and mount[1] in (compose.get("volumes") or {}), (
+        "spooled events would die with the container"
+    )
+    # A named volume starts with the image directory's owner; one on a path the image lacks is
+    # root's, and the gateway runs as a non-root user.
+    target = mount[0]
+    dockerfile = MLMESH_DOCKERFILE.read_text().replace("\\\n", " ")
+    assert re.search(rf"mkdir -p [^&]*{re.escape(target)}(\s|$)", dockerfile), f"the image must create {target}"
+    chowned = re.findall(r"chown -R mlmesh:mlmesh ([^&]*)", dockerfile)
+    assert any(
+        target == path or target.startswith(path.rstrip("/") + "/") for paths in chowned for path in paths.split()
+    ), f"the image must give {target} to the user the gateway runs as"
 
 
 def test_triton_loads_every_model_the_router_routes_to(compose: dict[str, Any]) -> None:
@@ -314,18 +468,28 @@ def test_llm_weights_reach_triton_through_the_models_volume(compose: dict[str, A
 
 
 def test_startup_waits_on_health_checks(compose: dict[str, Any]) -> None:
-    for name in ("triton", "router", "gateway"):
+    for name in ("triton", "router", "gateway", "kafka", "clickhouse", "logger"):
         test = service(compose, name).get("healthcheck", {}).get("test")
         assert test and test != ["NONE"], f"{name} has no health check"
-    order = {name: depends_on(service(compose, name)) for name in ("router", "gateway")}
+    order = {name: depends_on(service(compose, name)) for name in ("router", "gateway", "logger")}
     assert order["router"].get("triton") == "service_healthy", f"router starts before Triton is ready: {order}"
     assert order["gateway"].get("router") == "service_healthy", f"gateway starts before the router is ready: {order}"
+    assert order["gateway"].get("kafka") == "service_healthy", f"gateway starts before Kafka is ready: {order}"
+    assert order["logger"].get("kafka") == "service_healthy", f"logger starts before Kafka is ready: {order}"
+    assert order["logger"].get("clickhouse") == "service_healthy", f"logger starts before ClickHouse: {order}"
+
+    clickhouse_check = " ".join(service(compose, "clickhouse")["healthcheck"]["test"])
+    assert f":{CLICKHOUSE_HTTP_PORT}/ping" in clickhouse_check, clickhouse_check
 
     triton_check = " ".join(service(compose, "triton")["healthcheck"]["test"])
     assert "/v2/health/ready" in triton_check
     for name in ("tabular_classifier", "llm"):
         assert f"/v2/models/{name}/ready" in triton_check
-    for name, env_port in (("router", "MLMESH_ROUTER_PORT"), ("gateway", "MLMESH_GATEWAY_PORT")):
+    for name, env_port in (
+        ("router", "MLMESH_ROUTER_PORT"),
+        ("gateway", "MLMESH_GATEWAY_PORT"),
+        ("logger", "MLMESH_LOGGER_PORT"),
+    ):
         check = " ".join(service(compose, name)["healthcheck"]["test"])
         assert "grpc_health" in check and "HealthStub" in check, f"{name}: use the gRPC health service"
         assert f":{environment(service(compose, name))[env_port]}'" in check, f"{name}: health check on another port"
