@@ -41,9 +41,10 @@ from services.common.net import free_port
 from services.common.tansu import TansuBroker
 from services.logger import queries
 from services.logger.consumer import EventConsumer, decode_prediction
+from services.logger.ingest_schema import schema_file_for
 from services.logger.migrate import migrate
 from services.logger.pii import PiiPolicy
-from services.logger.settings import RetentionSettings
+from services.logger.settings import LoggerSettings, RetentionSettings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 THROUGHPUT_FLOOR = 50_000.0
@@ -148,17 +149,26 @@ class ThroughputResult:
 
 
 def run_consumer(
-    client: Client, settings: KafkaSettings, policy: PiiPolicy, group: str
+    client: Client, dsn: str, settings: KafkaSettings, policy: PiiPolicy, group: str
 ) -> tuple[EventConsumer, threading.Thread]:
-    consumer = EventConsumer(client, settings, group, policy, batch_max_events=5000, batch_max_wait_ms=200)
+    defaults = LoggerSettings.model_fields
+    consumer = EventConsumer(
+        client,
+        settings,
+        group,
+        policy,
+        batch_max_events=defaults["batch_max_events"].default,
+        batch_max_wait_ms=defaults["batch_max_wait_ms"].default,
+        schema_file=schema_file_for(dsn),
+    )
     thread = threading.Thread(target=consumer.run, name="bench-consumer", daemon=True)
     thread.start()
     return consumer, thread
 
 
-def throughput(client: Client, settings: KafkaSettings, policy: PiiPolicy, total: int) -> ThroughputResult:
+def throughput(client: Client, dsn: str, settings: KafkaSettings, policy: PiiPolicy, total: int) -> ThroughputResult:
     started = time.perf_counter()
-    consumer, thread = run_consumer(client, settings, policy, "bench-logger")
+    consumer, thread = run_consumer(client, dsn, settings, policy, "bench-logger")
     first_at, first_count = 0.0, 0
     while True:
         stats = consumer.stats()
@@ -198,7 +208,7 @@ class LagResult:
 
 def lag(client: Client, dsn: str, settings: KafkaSettings, policy: PiiPolicy, rate: float, seconds: float) -> LagResult:
     """Steady-rate producer; a reader polls ClickHouse and notes when each row is first visible."""
-    consumer, thread = run_consumer(client, settings, policy, "bench-logger")  # same group: resumes at the end
+    consumer, thread = run_consumer(client, dsn, settings, policy, "bench-logger")  # same group: resumes at the end
     consumer.wait_ready(30)
     reader = make_client(dsn, readonly=True)
     produced: dict[str, float] = {}
@@ -283,7 +293,7 @@ def main() -> None:
         client = make_client(dsn)
         migrate(client, RetentionSettings())
         console.print("draining into ClickHouse through the consumer core ...")
-        result = throughput(client, settings, policy, args.events)
+        result = throughput(client, dsn, settings, policy, args.events)
         console.print(f"lag phase: {args.lag_rate:,.0f} events/s for {args.lag_seconds:.0f} s ...")
         lag_result = lag(client, dsn, settings, policy, args.lag_rate, args.lag_seconds)
         client.close()

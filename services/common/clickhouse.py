@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-__all__ = ["Client", "StoreLockedError", "is_embedded", "make_client"]
+__all__ = ["Client", "StoreLockedError", "chdb_path", "is_embedded", "make_client"]
 
 # Inserts here are already batched by the caller; chdb (engine 26.9) defaults to async_insert=1,
 # which adds up to ~200 ms per insert and ignores insert_deduplication_token.
@@ -53,7 +53,7 @@ def _lock_holder(path: Path) -> str | None:
     return None
 
 
-def _chdb_path(dsn: str) -> Path | None:
+def chdb_path(dsn: str) -> Path | None:
     """The data directory of a chdb DSN, None for the in-memory engine; rejects relative paths."""
     parsed = urlparse(dsn)
     if parsed.netloc == "memory":
@@ -74,7 +74,7 @@ def make_client(dsn: str, *, readonly: bool = False, settings: dict[str, Any] | 
     if readonly:
         client_settings["readonly"] = 2  # applied last: after it, only non-readonly settings may change
     if is_embedded(dsn):
-        path = _chdb_path(dsn)
+        path = chdb_path(dsn)
         if path is not None:
             path.mkdir(parents=True, exist_ok=True)
         try:

@@ -25,6 +25,8 @@ async def serve(settings: LoggerSettings) -> None:
 def main() -> None:
     settings = LoggerSettings()
     setup_logging(settings.log_level, settings.log_format)
+    # kafka-python logs every connection, fetch reset and rebalance at INFO.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     asyncio.run(serve(settings))
 
 

@@ -15,6 +15,7 @@ from services.common.clickhouse import Client, make_client
 from services.common.server import RunningServer, start_server
 from services.logger import servicer
 from services.logger.consumer import ConsumerStats, EventConsumer
+from services.logger.ingest_schema import schema_file_for
 from services.logger.migrate import migrate
 from services.logger.pii import PiiPolicy
 from services.logger.privacy import DeletionReport, delete_user, subject_key
@@ -112,6 +113,9 @@ async def start_logger(settings: LoggerSettings | None = None, *, client: Client
             batch_max_events=settings.batch_max_events,
             batch_max_wait_ms=settings.batch_max_wait_ms,
             consume_alerts=settings.consume_alerts,
+            schema_file=await asyncio.to_thread(
+                schema_file_for, settings.clickhouse_dsn, settings.clickhouse_ingest_schema_file
+            ),
         )
         app = LoggerApp(settings, store, readonly_client, policy, consumer, owns_client=owns_client)
         app._thread = threading.Thread(target=consumer.run, name="mlmesh-logger-consumer", daemon=True)

@@ -11,12 +11,16 @@ Field numbers KAFKA_FIELDS are therefore reserved: events.proto must not use the
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.internal.encoder import _VarintBytes
 
 from services.common.api import events_pb2
+from services.common.clickhouse import chdb_path, is_embedded
+from services.common.settings import CACHE_DIR
 
 KAFKA_PARTITION_FIELD = 500_001
 KAFKA_OFFSET_FIELD = 500_002
@@ -65,7 +69,7 @@ def _render_message(message: Descriptor, extra: tuple[tuple[str, str, int], ...]
             key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
             lines.append(f"  map<{_type_name(key)}, {_type_name(value)}> {field.name} = {field.number};")
             continue
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             label = "repeated "
         elif field.has_presence and field.containing_oneof is not None and field.containing_oneof.name.startswith("_"):
             label = "optional "  # proto3 `optional` (a synthetic oneof)
@@ -120,6 +124,34 @@ def length_prefix(size: int) -> bytes:
     return _VarintBytes(size)
 
 
-def insert_settings(message: str) -> dict[str, str]:
+def schema_file_for(dsn: str, server_file: str = "") -> str | None:
+    """The format_schema file for `dsn`, or None to send the schema inline.
+
+    Embedded: a file inside the store (chdb would cache an inline schema as a file in the
+    process's working directory). A server: `server_file` if given (a name in the server's
+    format_schemas directory, written with `python -m services.logger.ingest_schema`; needed
+    before ClickHouse 25.7, which lacks format_schema_source), else inline.
+    """
+    if not is_embedded(dsn):
+        return server_file or None
+    store = chdb_path(dsn)
+    directory = store / "format_schemas" if store is not None else CACHE_DIR / "logger" / "format_schemas"
+    target = directory / f"ingest-{hashlib.sha256(SCHEMA.encode()).hexdigest()[:16]}.proto"
+    if not target.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        partial.write_text(SCHEMA)
+        os.replace(partial, target)  # never a half-written schema under the real name
+    return str(target)
+
+
+def insert_settings(message: str, schema_file: str | None) -> dict[str, str]:
     """Settings that make ClickHouse read length-delimited `message`s with this schema."""
+    if schema_file is not None:
+        # No format_schema_source: its default is `file`, and servers before 25.7 reject the name.
+        return {"format_schema": f"{schema_file}:{message}"}
     return {"format_schema": SCHEMA, "format_schema_source": "string", "format_schema_message_name": message}
+
+
+if __name__ == "__main__":
+    print(SCHEMA, end="")  # for a server's format_schemas directory (see schema_file_for)

@@ -27,6 +27,10 @@ class LoggerSettings(ServerSettings):
     kafka: KafkaSettings = KafkaSettings()
     # chdb:///abs/path (embedded, this process owns it), chdb://memory, or http(s)://host:8123.
     clickhouse_dsn: str = f"chdb://{STATE_DIR / 'clickhouse'}"
+    # ClickHouse server before 25.7 only: the ingest schema's file name in the server's
+    # format_schemas directory (`python -m services.logger.ingest_schema > mlmesh_ingest.proto`).
+    # Empty: the schema travels with each insert (chdb: a file in the store, written for you).
+    clickhouse_ingest_schema_file: str = ""
     group_id: str = "mlmesh-logger"
     consume_alerts: bool = True  # store mlmesh.alerts.v1 too (drift publishes alerts there)
     kafka_startup_wait_s: float = Field(default=10.0, ge=0)  # then serve anyway; the consumer retries

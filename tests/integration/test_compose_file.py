@@ -381,7 +381,7 @@ def test_kafka_is_a_single_kraft_node_without_topic_auto_creation(compose: dict[
 
 def test_logger_stores_into_the_clickhouse_service(compose: dict[str, Any]) -> None:
     clickhouse = service(compose, "clickhouse")
-    assert clickhouse["image"].startswith("clickhouse/clickhouse-server:24.8")
+    assert clickhouse["image"].startswith("clickhouse/clickhouse-server:25.8")  # logger ingest schema inline needs >= 25.7
     ch_env = environment(clickhouse)
     dsn = urlparse(environment(service(compose, "logger"))["MLMESH_LOGGER_CLICKHOUSE_DSN"])
     assert dsn.scheme == "http", "the logger must talk to the server over HTTP, not embedded chdb"

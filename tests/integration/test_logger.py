@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
 
 from services.common.api import events_pb2, logger_pb2, logger_pb2_grpc
 from services.common.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
@@ -198,7 +198,8 @@ async def test_garbage_goes_to_dead_letter_and_consumer_keeps_going(env: LoggerE
     model = f"m-{uuid.uuid4().hex[:6]}"
     wrong_schema = prediction(model)
     wrong_schema.schema_version = 2
-    no_id = prediction(model, prediction_id="")
+    no_id = prediction(model)
+    no_id.prediction_id = ""
     bad = [
         (b"\xff\xfe not a protobuf", "undecodable"),
         (wrong_schema.SerializeToString(), "unsupported_schema_version"),
@@ -369,8 +370,7 @@ async def test_delete_user_everywhere_and_audited(env: LoggerEnv) -> None:
     await asyncio.to_thread(send_all, env.producer, env.kafka.predictions_topic, [marker])
     await eventually(lambda: queries.count_predictions(env.app.client, unit_id=other) == 4, "the marker event")
     assert await asyncio.to_thread(queries.rows_for_unit, env.app.client, victim) == {"predictions": 0, "feedback": 0}
-    stats, _ = env.app.stats()
-    assert stats.dropped_erased >= 2
+    await eventually(lambda: env.app.stats()[0].dropped_erased >= 2, "the replayed events to be dropped")
 
 
 async def test_feedback_joins_its_prediction(env: LoggerEnv) -> None:
@@ -470,9 +470,10 @@ class LoggerProcess:
             "MLMESH_LOGGER_CLICKHOUSE_DSN": f"chdb://{workdir / 'clickhouse'}",
             "MLMESH_LOGGER_GROUP_ID": f"logger-{uuid.uuid4().hex[:6]}",
             "MLMESH_LOGGER_PII_HASH_SALT": SALT,
-            # Many small batches, so a kill lands between an insert and its commit.
-            "MLMESH_LOGGER_BATCH_MAX_EVENTS": "200",
-            "MLMESH_LOGGER_BATCH_MAX_WAIT_MS": "20",
+            # Batches closed by time: a batch's commit waits for the next batch to be read (~0.5 s),
+            # so at almost any moment one batch is stored but not committed: where a kill hurts.
+            "MLMESH_LOGGER_BATCH_MAX_EVENTS": "100000",
+            "MLMESH_LOGGER_BATCH_MAX_WAIT_MS": "500",
         }
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -542,48 +543,74 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(log
         bootstrap_servers=logger_process.env["MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS"],
         predictions_topic=logger_process.env["MLMESH_LOGGER_KAFKA__PREDICTIONS_TOPIC"],
     )
+    group = logger_process.env["MLMESH_LOGGER_GROUP_ID"]
     model = f"m-{uuid.uuid4().hex[:6]}"
-    total = 4000
+    total = 5000
     logger_process.start()
     channel, stub = await _stub_ready(logger_process.port)
 
     producer = await asyncio.to_thread(make_producer, kafka)
+    admin = await asyncio.to_thread(KafkaAdminClient, bootstrap_servers=kafka.bootstrap_servers)
+    # Warm-up first: the group join takes a few seconds, the kill must hit a running stream.
+    warmup = [prediction(model) for _ in range(100)]
+    await asyncio.to_thread(send_all, producer, kafka.predictions_topic, warmup)
+    await _wait_for(lambda: _count(stub, model), lambda c: c[0] >= len(warmup), "the warm-up events")
     produced = threading.Event()
 
     def produce_steadily() -> None:
-        for _ in range(total // 100):  # ~2,000 events/s for 2 s
-            for event in [prediction(model) for _ in range(100)]:
+        for _ in range((total - len(warmup)) // 20):  # a continuous ~1,000 events/s for ~5 s
+            for event in [prediction(model) for _ in range(20)]:
                 producer.send(
                     kafka.predictions_topic, key=event.prediction_id.encode(), value=event.SerializeToString()
                 )
-            time.sleep(0.05)
+            time.sleep(0.02)
         producer.flush()
         produced.set()
+
+    async def stored_and_committed() -> tuple[int, int]:
+        stored, _ = await _count(stub, model)
+        return stored, await asyncio.to_thread(_committed_records, admin, kafka.predictions_topic, group)
 
     writer = threading.Thread(target=produce_steadily)
     writer.start()
     try:
-        # Mid-stream: some batches stored, the producer still going.
-        await _wait_for(lambda: _count(stub, model), lambda c: c[0] >= 500, "the first batches")
+        # Kill while a batch is stored but not committed yet: it must be read again, once.
+        await _wait_for(stored_and_committed, lambda sc: sc[0] >= 600 and sc[0] > sc[1], "a stored, uncommitted batch")
         assert not produced.is_set(), "the producer finished before the kill: make the stream longer"
         await channel.close()
         assert logger_process.signal(signal.SIGKILL) == -signal.SIGKILL
         killed_at = time.monotonic()
+        committed = await asyncio.to_thread(_committed_records, admin, kafka.predictions_topic, group)
 
         logger_process.start()  # same store, same group: resumes from the last commit
         channel, stub = await _stub_ready(logger_process.port)
+        # The new member waits for the dead one's session to expire before it reads anything,
+        # so the store still shows what the killed process left behind.
+        before = await stub.Stats(logger_pb2.StatsRequest())
+        stored_at_kill, _ = await _count(stub, model)
+        after = await stub.Stats(logger_pb2.StatsRequest())
+        assert before.consumed == after.consumed == 0 and after.in_flight == 0, "the restarted logger was too quick"
+        assert stored_at_kill > committed, (stored_at_kill, committed)  # so redelivery really happens
+
         await _wait_for(lambda: _count(stub, model), lambda c: c[0] >= total, "all events")
         await asyncio.sleep(0.5)  # nothing more may arrive
         distinct, physical = await _count(stub, model)
         assert distinct == total, logger_process.log_tail()
-        assert physical >= total  # redelivered rows may exist until merged; FINAL counts them once
+        assert physical >= total  # redelivered rows stay apart until merged; FINAL counts them once
         assert time.monotonic() - killed_at < 60
     finally:
         await asyncio.to_thread(writer.join)
         await asyncio.to_thread(producer.close)
+        await asyncio.to_thread(admin.close)
         await channel.close()
     # A graceful stop: SIGTERM finishes the batch in flight and exits 0.
     assert logger_process.signal(signal.SIGTERM) == 0, logger_process.log_tail()
+
+
+def _committed_records(admin: KafkaAdminClient, topic: str, group_id: str) -> int:
+    """Records the group has committed on `topic` (this test's own topic: offsets = records)."""
+    offsets = admin.list_group_offsets(group_id).get(group_id, {})
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 async def _wait_for(
