@@ -160,9 +160,9 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 
 RECENT_PREDICTIONS_SQL = """
-SELECT p.started_at, p.prediction_id, p.model, p.model_version, p.status_code,
-       round(p.latency_ms, 2) AS latency_ms, p.output_tokens,
-       substring(p.completion, 1, 60) AS completion, f.label, f.rating
+SELECT formatDateTime(p.started_at, '%H:%i:%S') AS time, p.prediction_id, p.model,
+       p.model_version AS version, p.status_code AS status, round(p.latency_ms, 1) AS ms,
+       f.label, f.rating
 FROM (SELECT * FROM predictions FINAL) AS p
 LEFT JOIN (SELECT * FROM feedback FINAL) AS f ON f.prediction_id = p.prediction_id
 ORDER BY p.started_at DESC
