@@ -20,9 +20,8 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from services.common.processes import log_tail, signal_group
 from services.common.settings import CACHE_DIR
-
-_LOG_TAIL_BYTES = 4000
 
 
 class TansuError(RuntimeError):
@@ -43,14 +42,6 @@ def tansu_binary() -> Path:
     return binary
 
 
-def _log_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as log_file:
-            log_file.seek(0, os.SEEK_END)
-            log_file.seek(max(0, log_file.tell() - _LOG_TAIL_BYTES))
-            return log_file.read().decode("utf-8", errors="replace")
-    except OSError as error:
-        return f"<no log at {path}: {error}>"
 
 
 class TansuBroker:
@@ -154,12 +145,10 @@ class TansuBroker:
 
     def _signal_group(self, signum: signal.Signals) -> None:
         assert self._process is not None
-        # The group id equals the broker's pid (own session); it may outlive the leader.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signum)
+        signal_group(self._process, signum)
 
     def log_tail(self) -> str:
-        return _log_tail(self.log_path)
+        return log_tail(self.log_path)
 
     def __enter__(self) -> TansuBroker:
         self.start()

@@ -6,7 +6,6 @@ launcher hides the model-repository API and adds latency). See RUNBOOK-REAL-COMP
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -27,12 +26,13 @@ from tritonclient.grpc import InferenceServerClient, model_config_pb2
 from tritonclient.grpc.aio import InferenceServerClient as AioInferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from services.common.processes import log_tail, signal_group
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "triton"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 # Loading a python-backend model that imports torch takes several seconds; a big LLM longer.
 DEFAULT_LOAD_TIMEOUT_S = 600.0
-_LOG_TAIL_BYTES = 6000
 _SHM_DIR = Path("/dev/shm")
 
 
@@ -104,14 +104,6 @@ def server_environment(extra_env: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
-def _log_tail(log_path: Path) -> str:
-    try:
-        with log_path.open("rb") as log_file:
-            log_file.seek(0, os.SEEK_END)
-            log_file.seek(max(0, log_file.tell() - _LOG_TAIL_BYTES))
-            return log_file.read().decode("utf-8", errors="replace")
-    except OSError as error:
-        return f"<no log at {log_path}: {error}>"
 
 
 class TritonServer:
@@ -200,7 +192,7 @@ class TritonServer:
             if exit_code is not None:
                 raise TritonServerError(
                     f"tritonserver exited with code {exit_code} before it was ready; "
-                    f"log {self.log_path}:\n{_log_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1.0) as reply:
@@ -210,7 +202,7 @@ class TritonServer:
                 pass  # not listening yet
             time.sleep(0.1)
         raise TritonServerError(
-            f"tritonserver was not ready after {timeout_s:.0f} s; log {self.log_path}:\n{_log_tail(self.log_path)}"
+            f"tritonserver was not ready after {timeout_s:.0f} s; log {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -234,16 +226,14 @@ class TritonServer:
 
     def _signal_group(self, signum: signal.Signals) -> None:
         assert self._process is not None
-        # The group id equals the server's pid (own session); it may outlive the leader.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signum)
+        signal_group(self._process, signum)
 
     def _remove_shared_memory(self) -> None:
         for region in _SHM_DIR.glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
 
     def log_tail(self) -> str:
-        return _log_tail(self.log_path)
+        return log_tail(self.log_path)
 
 
 def model_config_json(
