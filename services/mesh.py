@@ -22,6 +22,8 @@ from services.gateway.hooks import GatewayHook
 from services.gateway.keys import Authenticator, KeyStore
 from services.gateway.ratelimit import TenantRateLimiter
 from services.gateway.settings import GatewaySettings
+from services.logger.app import LoggerApp, start_logger
+from services.logger.settings import LoggerSettings
 from services.router import servicer as router_servicer
 from services.router.client import GrpcRouterClient
 from services.router.core import RouterCore, RoutingTable
@@ -29,7 +31,7 @@ from services.router.settings import RouterSettings
 from services.router.triton import TritonBackend
 
 log = logging.getLogger(__name__)
-KNOWN_SERVICES = ("gateway", "router")
+KNOWN_SERVICES = ("gateway", "router", "logger")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Mesh:
     router: RouterCore | None = None
     gateway: Gateway | None = None
     emitter: EventEmitter | None = None
+    logger: LoggerApp | None = None
     _closers: list = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -49,6 +52,8 @@ class Mesh:
         for name in ("gateway", "router"):
             if name in self.servers:
                 await self.servers[name].stop()
+        if self.logger is not None:
+            await self.logger.stop()  # stores and commits its batch in flight
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -69,6 +74,9 @@ async def start_mesh(
     setup_telemetry("mlmesh-" + "-".join(sorted(services)), TelemetrySettings())
     mesh = Mesh()
     try:
+        if "logger" in services:
+            # It owns the ClickHouse store: with embedded chdb, analysis services join this process.
+            mesh.logger = await start_logger(LoggerSettings())
         if "router" in services:
             settings = router_settings or RouterSettings()
             backend = TritonBackend(settings.triton_url)

@@ -137,3 +137,39 @@ def test_sigterm_drains_in_flight_streams(triton: TritonServer, tmp_path: Path) 
         assert chunks[-1].usage.output_tokens == 24
     finally:
         assert mesh.stop() == 0, mesh.log_tail()
+
+
+def test_logger_is_hosted_by_configuration(kafka_broker: object, tmp_path: Path) -> None:
+    """MLMESH_SERVICES=logger,... puts the logger (and its ClickHouse store) in the mesh process."""
+    import os
+    import subprocess
+    import sys
+
+    from services.common.api import logger_pb2, logger_pb2_grpc
+    from services.common.settings import REPO_ROOT
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLMESH_SERVICES": "logger",
+        "MLMESH_LOGGER_PORT": str(port),
+        "MLMESH_LOGGER_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'clickhouse'}",
+        "MLMESH_LOGGER_PII_HASH_SALT": "test",
+        "MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap,  # type: ignore[attr-defined]
+    }
+    log = (tmp_path / "mesh.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "services.mesh"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline, rows = time.monotonic() + 60, None
+        while time.monotonic() < deadline and rows is None:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    rows = logger_pb2_grpc.LoggerStub(channel).Query(
+                        logger_pb2.QueryRequest(sql="SELECT count() FROM predictions"), timeout=5
+                    ).rows
+            except grpc.RpcError:
+                time.sleep(0.3)
+        assert rows == ["[0]"], (tmp_path / "mesh.log").read_text()[-3000:]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "mesh.log").read_text()[-3000:]
