@@ -20,10 +20,12 @@ from rich.table import Table
 from bench.load import StreamResult, UnaryResult
 
 DIRECT, ROUTER, GATEWAY, MLSERVER, PROXY = "direct", "router", "gateway", "mlserver", "proxy"
+GATEWAY_EVENTS = "gateway+events"  # a second mesh, identical but emitting prediction events to Kafka
 TARGET_LABELS = {
     DIRECT: "direct Triton",
     ROUTER: "router",
     GATEWAY: "gateway",
+    GATEWAY_EVENTS: "gateway+events",
     MLSERVER: "MLServer",
     PROXY: "bare aio proxy",
 }
@@ -32,6 +34,7 @@ SERVER_GROUPS = {
     DIRECT: ("triton",),
     ROUTER: ("triton", "mesh"),
     GATEWAY: ("triton", "mesh"),
+    GATEWAY_EVENTS: ("triton", "mesh_events"),
     MLSERVER: ("mlserver",),
     PROXY: ("triton", "proxy"),
 }
@@ -76,12 +79,15 @@ class Cell:
     # CPU seconds per process group over whole cells (warm-up included), and the requests served.
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_requests: int = 0
+    # Every request the clients sent (warm-up, measured, failed): what an event is expected for.
+    requests_sent: int = 0
 
     def add(self, part: UnaryResult, cpu_s: dict[str, float] | None = None) -> None:
         if cpu_s:
             for name, seconds in cpu_s.items():
                 self.cpu_s[name] = self.cpu_s.get(name, 0.0) + seconds
             self.cpu_requests += len(part.latencies_s) + part.warmup_requests
+        self.requests_sent += len(part.latencies_s) + part.warmup_requests + part.errors + part.warmup_errors
         self.latencies_s.extend(part.latencies_s)
         self.window_s += part.window_s
         self.errors += part.errors
@@ -127,6 +133,7 @@ class Cell:
             "window_s": self.window_s,
             "errors": self.errors,
             "warmup_errors": self.warmup_errors,
+            "requests_sent": self.requests_sent,
             "error_samples": self.error_samples,
             "repeats": self.repeats,
             "cpu": {
@@ -296,9 +303,52 @@ def floor_checks(
 def _hop_cpu(cell: Cell) -> float | None:
     if cell.target in (ROUTER, GATEWAY):
         return cell.cpu_us_per_request("mesh")
+    if cell.target == GATEWAY_EVENTS:
+        return cell.cpu_us_per_request("mesh_events")
     if cell.target == PROXY:
         return cell.cpu_us_per_request("proxy")
     return None
+
+
+def emission_cost(cells: dict[tuple[str, int], Cell], concurrencies: list[int]) -> list[dict[str, Any]]:
+    """gateway+events next to the plain gateway at each concurrency: what emission adds."""
+    rows = []
+    for concurrency in concurrencies:
+        plain, events = _get(cells, GATEWAY, concurrency), _get(cells, GATEWAY_EVENTS, concurrency)
+        if not (plain and events):
+            continue
+        plain_hop = _hop_cpu(cells[(GATEWAY, concurrency)])
+        events_cell = cells[(GATEWAY_EVENTS, concurrency)]
+        events_hop = _hop_cpu(events_cell)
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "gateway_p50_ms": plain["p50_ms"],
+                "events_p50_ms": events["p50_ms"],
+                "p50_delta_ms": events["p50_ms"] - plain["p50_ms"],
+                "gateway_p99_ms": plain["p99_ms"],
+                "events_p99_ms": events["p99_ms"],
+                "p99_delta_ms": events["p99_ms"] - plain["p99_ms"],
+                "gateway_rps": plain["rps"],
+                "events_rps": events["rps"],
+                "rps_ratio": events["rps"] / plain["rps"] if plain["rps"] else None,
+                "gateway_mesh_us_per_request": plain_hop,
+                "events_mesh_us_per_request": events_hop,
+                "mesh_us_delta": events_hop - plain_hop if events_hop is not None and plain_hop is not None else None,
+                "tansu_us_per_request": events_cell.cpu_us_per_request("tansu"),
+            }
+        )
+    return rows
+
+
+def delivery_check(delivery: dict[str, Any]) -> Check:
+    """Every request to gateway+events must be on the predictions topic (at-least-once)."""
+    messages, sent = delivery["messages"], delivery["requests_sent"]
+    return Check(
+        "gateway+events: events on the topic >= requests sent (at-least-once)",
+        "PASS" if delivery["distinct_prediction_ids"] >= sent else "FAIL",
+        f"{messages} messages ({delivery['distinct_prediction_ids']} distinct prediction ids) for {sent} requests",
+    )
 
 
 def _micros(value: float | None) -> str:
@@ -318,6 +368,7 @@ def render(
     concurrencies: list[int],
     stream: dict[str, Any] | None,
     checks: list[Check],
+    delivery: dict[str, Any] | None = None,
 ) -> None:
     table = Table(
         title="Unary Predict, one row per target x concurrency (latency in ms)",
@@ -363,6 +414,43 @@ def render(
         console.print(
             f"CPU used by processes outside the benchmark: at most {worst:.2f} cores (in {worst_target} c={worst_c})"
             f"{note}",
+            highlight=False,
+        )
+
+    emission = emission_cost(cells, concurrencies)
+    if emission:
+        emission_table = Table(
+            title="Emission cost: gateway with events vs without (same run, same c)",
+            caption="delta = with - without.  mesh us: CPU microseconds per request of that mesh process.  "
+            "tansu us: the broker's CPU per request.",
+        )
+        for column in ("c", "p50", "p50+ev", "d p50", "p99", "p99+ev", "d p99", "req/s", "req/s+ev", "rps ev/gw"):
+            emission_table.add_column(column, justify="right", no_wrap=True)
+        for column in ("mesh us", "mesh us+ev", "tansu us"):
+            emission_table.add_column(column, justify="right", no_wrap=True)
+        for row in emission:
+            emission_table.add_row(
+                str(row["concurrency"]),
+                f"{row['gateway_p50_ms']:.3f}",
+                f"{row['events_p50_ms']:.3f}",
+                f"{row['p50_delta_ms']:+.3f}",
+                f"{row['gateway_p99_ms']:.3f}",
+                f"{row['events_p99_ms']:.3f}",
+                f"{row['p99_delta_ms']:+.3f}",
+                f"{row['gateway_rps']:.0f}",
+                f"{row['events_rps']:.0f}",
+                _ratio(row["events_rps"], row["gateway_rps"]),
+                _micros(row["gateway_mesh_us_per_request"]),
+                _micros(row["events_mesh_us_per_request"]),
+                _micros(row["tansu_us_per_request"]),
+            )
+        console.print(emission_table)
+    if delivery:
+        console.print(
+            f"event delivery: {delivery['messages']} messages on {delivery['topic']} "
+            f"({delivery['distinct_prediction_ids']} distinct prediction ids) for {delivery['requests_sent']} "
+            f"requests sent to gateway+events ({delivery['request_errors']} failed); read back in "
+            f"{delivery['read_s']:.1f} s by fresh group {delivery['group_id']}",
             highlight=False,
         )
 

@@ -3,7 +3,9 @@
 Starts Triton, the mesh (gateway + router, own process) and MLServer on free loopback ports,
 drives them from spawned grpc.aio client processes, prints one table (with ratios to direct
 Triton and to MLServer) and the design's floor checks, and writes everything to
-bench/results/bench-<timestamp>.json and bench/results/latest.json. See bench/README.md.
+bench/results/bench-<timestamp>.json and bench/results/latest.json. With `--events` (or target
+`gateway+events`) a second, identical mesh emits prediction events to a Tansu broker, so the
+hot-path cost of emission is measured next to the plain gateway. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,9 @@ from bench.stack import (
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_TARGETS = (report.DIRECT, report.ROUTER, report.GATEWAY, report.MLSERVER)
-# `proxy` (bench/baseline_proxy.py, a bare Python aio pass-through) is opt-in: a yardstick.
-ALL_TARGETS = (*DEFAULT_TARGETS, report.PROXY)
+# Opt-in: `gateway+events` (a second mesh emitting prediction events to Kafka; also --events) and
+# `proxy` (bench/baseline_proxy.py, a bare Python aio pass-through, a yardstick).
+ALL_TARGETS = (*DEFAULT_TARGETS, report.GATEWAY_EVENTS, report.PROXY)
 DEFAULT_PROMPT = "What is the capital of France?"
 
 
@@ -60,7 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help=f"subset of {','.join(ALL_TARGETS)} (default: all but proxy)",
+        help=f"subset of {','.join(ALL_TARGETS)} (default: all but gateway+events and proxy)",
+    )
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="add target gateway+events: a second mesh emitting prediction events to a Tansu broker",
     )
     parser.add_argument("--clients", type=int, default=1, help="load-generator processes (default 1)")
     parser.add_argument("--llm", choices=["tiny", "smollm2"], default="tiny", help="model behind `llm`")
@@ -90,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile_seconds = min(args.profile_seconds, 2.0)
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.events and report.GATEWAY_EVENTS not in args.target_list:
+        args.target_list.append(report.GATEWAY_EVENTS)
     unknown = set(args.target_list) - set(ALL_TARGETS)
     if unknown or not args.target_list:
         parser.error(f"--targets: unknown {sorted(unknown)}; choose from {ALL_TARGETS}")
@@ -105,6 +116,9 @@ def _targets(stack: Stack, names: list[str]) -> dict[str, Target]:
         report.DIRECT: Target(report.DIRECT, KIND_KSERVE, stack.triton_grpc, TRITON_TABULAR),
         report.ROUTER: Target(report.ROUTER, KIND_ROUTER, stack.router, PUBLIC_TABULAR),
         report.GATEWAY: Target(report.GATEWAY, KIND_GATEWAY, stack.gateway, PUBLIC_TABULAR, stack.api_key),
+        report.GATEWAY_EVENTS: Target(
+            report.GATEWAY_EVENTS, KIND_GATEWAY, stack.events_gateway, PUBLIC_TABULAR, stack.api_key
+        ),
         report.MLSERVER: Target(report.MLSERVER, KIND_KSERVE, stack.mlserver, MLSERVER_MODEL_NAME),
         report.PROXY: Target(report.PROXY, KIND_KSERVE, stack.proxy, TRITON_TABULAR),
     }
@@ -125,6 +139,8 @@ def _cpu_meter(stack: Stack, pool: ClientPool) -> CpuMeter:
     for name, pid in (
         ("triton", stack.triton_pid),
         ("mesh", stack.mesh_pid),
+        ("mesh_events", stack.events_mesh_pid),
+        ("tansu", stack.tansu_pid),
         ("mlserver", stack.mlserver_pid),
         ("proxy", stack.proxy_pid),
     ):
@@ -161,13 +177,55 @@ def _run_unary(
                 stats = report.latency_stats(part.latencies_s)
                 rps = len(part.latencies_s) / part.window_s if part.window_s else 0.0
                 console.print(
-                    f"  [{done}/{total}] {name:<8} c={concurrency:<3} "
+                    f"  [{done}/{total}] {name:<14} c={concurrency:<3} "
                     f"p50 {stats.get('p50_ms', float('nan')):7.3f}  p99 {stats.get('p99_ms', float('nan')):7.3f} ms"
                     f"  {rps:8.0f} req/s  errors {part.errors + part.warmup_errors}"
                     f"  foreign CPU {cpu_s['foreign'] / cpu_s['wall']:.2f} cores",
                     highlight=False,
                 )
     return cells
+
+
+def _delivery_check(
+    console: Console, stack: Stack, cells: dict[tuple[str, int], report.Cell], timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """Reads the predictions topic from the start with a fresh consumer group and counts the
+    events (and distinct prediction ids) against the requests sent to gateway+events."""
+    from services.common.api import events_pb2
+    from services.common.kafka import KafkaSettings, make_consumer
+
+    sent_cells = [cell for (target, _), cell in cells.items() if target == report.GATEWAY_EVENTS]
+    sent = sum(cell.requests_sent for cell in sent_cells)
+    settings = KafkaSettings(bootstrap_servers=stack.kafka_bootstrap)
+    group_id = f"bench-delivery-{uuid.uuid4().hex[:8]}"
+    console.print(f"delivery check: reading {settings.predictions_topic} with group {group_id}", highlight=False)
+    messages, ids = 0, set()
+    started = time.monotonic()
+    last_new = started
+    consumer = make_consumer(settings, group_id, [settings.predictions_topic])
+    try:
+        # Until every request has its event and nothing new came for 2 s (duplicates), or the timeout.
+        while time.monotonic() - started < timeout_s:
+            batch = consumer.poll(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    messages += 1
+                    ids.add(events_pb2.PredictionEvent.FromString(record.value).prediction_id)
+            if batch:
+                last_new = time.monotonic()
+            elif len(ids) >= sent and time.monotonic() - last_new >= 2.0:
+                break
+    finally:
+        consumer.close()
+    return {
+        "topic": settings.predictions_topic,
+        "group_id": group_id,
+        "messages": messages,
+        "distinct_prediction_ids": len(ids),
+        "requests_sent": sent,
+        "request_errors": sum(cell.errors + cell.warmup_errors for cell in sent_cells),
+        "read_s": time.monotonic() - started,
+    }
 
 
 def _run_stream(
@@ -230,13 +288,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
             with_mlserver=report.MLSERVER in args.target_list,
             with_proxy=report.PROXY in args.target_list,
             mesh_cprofile=cprofile_path,
+            with_events=report.GATEWAY_EVENTS in args.target_list,
         )
         features = _sample_features()
         targets = _targets(stack, args.target_list)
         pool = ClientPool(args.clients)
         console.print(
             f"stack up: Triton {stack.triton_version} {stack.triton_grpc} | router {stack.router} | "
-            f"gateway {stack.gateway} | MLServer {stack.mlserver or '-'} | client procs {args.clients} "
+            f"gateway {stack.gateway} | gateway+events {stack.events_gateway or '-'} "
+            f"(Kafka {stack.kafka_bootstrap or '-'}) | MLServer {stack.mlserver or '-'} | client procs {args.clients} "
             f"| nproc {machine['nproc']}",
             highlight=False,
         )
@@ -245,11 +305,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{args.repeat} round(s)"
         )
         cells = _run_unary(console, _cpu_meter(stack, pool), pool, targets, features, args)
+        delivery = _delivery_check(console, stack, cells) if report.GATEWAY_EVENTS in targets else None
         stream = _run_stream(console, pool, stack, args.target_list, args)
         profile = _profile(console, pool, stack, targets, features, args)
         checks = report.floor_checks(cells, args.concurrency_levels, stream)
+        if delivery:
+            checks.append(report.delivery_check(delivery))
         console.print()
-        report.render(console, cells, args.target_list, args.concurrency_levels, stream, checks)
+        report.render(console, cells, args.target_list, args.concurrency_levels, stream, checks, delivery)
         machine["loadavg_at_end"] = os.getloadavg()
         record = {
             "started_at": started.isoformat(),
@@ -264,6 +327,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 "gateway": stack.gateway,
                 "mlserver": stack.mlserver,
                 "proxy": stack.proxy,
+                "events_gateway": stack.events_gateway,
+                "events_router": stack.events_router,
+                "kafka_bootstrap": stack.kafka_bootstrap,
                 "llm_dir": stack.llm_dir,
                 "mesh_process": "python -m bench.mesh_entry (services.mesh: gateway+router in one process)",
             },
@@ -274,6 +340,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 if (t, c) in cells
             ],
             "stream": stream,
+            "events": {
+                "emission_cost": report.emission_cost(cells, args.concurrency_levels),
+                "delivery": delivery,
+            }
+            if delivery
+            else None,
             "checks": [vars(check) for check in checks],
             "profile": profile,
         }

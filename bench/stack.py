@@ -3,7 +3,9 @@
 - Triton (the real binary, services.common.triton_server) with tabular_classifier and llm loaded;
 - the mesh (gateway + router) in its own interpreter (`python -m bench.mesh_entry`), so the
   benchmark client never shares a GIL with it;
-- MLServer 1.7.1 from .venv-mlserver, serving the same ONNX file through bench/mlserver_model.
+- MLServer 1.7.1 from .venv-mlserver, serving the same ONNX file through bench/mlserver_model;
+- optionally (target `gateway+events`) a real Tansu broker and a SECOND mesh process, identical
+  to the first but with the gateway's prediction events enabled against that broker.
 
 Every process is registered for cleanup the moment it exists: Stack.close() (also reached on
 Ctrl-C, SIGTERM and errors) stops the mesh with SIGTERM, Triton with .stop(), MLServer with
@@ -95,6 +97,11 @@ class Stack:
     proxy: str = ""
     proxy_pid: int | None = None
     mesh_profile_path: Path | None = None
+    events_gateway: str = ""
+    events_router: str = ""
+    events_mesh_pid: int | None = None
+    kafka_bootstrap: str = ""
+    tansu_pid: int | None = None
     _closers: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     _triton: object | None = None
 
@@ -111,7 +118,13 @@ class Stack:
                 self.progress(f"warning: stopping {name} failed: {error!r}")
             self.progress(f"stopped {name} in {time.monotonic() - started:.1f} s")
 
-    def start(self, with_mlserver: bool = True, with_proxy: bool = False, mesh_cprofile: Path | None = None) -> None:
+    def start(
+        self,
+        with_mlserver: bool = True,
+        with_proxy: bool = False,
+        mesh_cprofile: Path | None = None,
+        with_events: bool = False,
+    ) -> None:
         from services.common.model_build.llm import build_tiny_llm, prepare_smollm2
         from services.common.model_build.tabular import build_tabular
 
@@ -126,6 +139,8 @@ class Stack:
         mlserver_process = self._spawn_mlserver(onnx) if with_mlserver else None
         self._start_triton()
         self._start_mesh(mesh_cprofile)
+        if with_events:
+            self._start_events_mesh()
         if with_proxy:
             self._start_proxy()
         if mlserver_process is not None:
@@ -170,8 +185,37 @@ class Stack:
         return KeyStore(keys_db).create("bench", limits).api_key
 
     def _start_mesh(self, cprofile_path: Path | None) -> None:
-        keys_db = self.workdir / "keys.db"
-        self.api_key = self._create_api_key(keys_db)
+        self.api_key = self._create_api_key(self.workdir / "keys.db")
+        env: dict[str, str] = {}
+        if cprofile_path is not None:
+            env["MLMESH_BENCH_CPROFILE"] = str(cprofile_path)
+            self.mesh_profile_path = cprofile_path
+        self.mesh_pid, self.gateway, self.router = self._spawn_mesh("mesh", env)
+
+    def _start_events_mesh(self) -> None:
+        """A Tansu broker with the topics, then the same mesh again with event emission on."""
+        from services.common.kafka import KafkaSettings, ensure_topics
+        from services.common.tansu import TansuBroker
+
+        broker = TansuBroker(free_port(), log_path=self.workdir / "tansu.log")
+        # Registered before the second mesh: stopped after it, so its emitter can flush on SIGTERM.
+        self._closers.append(("tansu", broker.stop))
+        self.progress(f"starting Tansu on {broker.bootstrap}")
+        broker.start()
+        broker.wait_ready()
+        self.tansu_pid, self.kafka_bootstrap = broker.pid, broker.bootstrap
+        ensure_topics(KafkaSettings(bootstrap_servers=broker.bootstrap))
+        env = {
+            "MLMESH_GATEWAY_EVENTS__ENABLED": "true",
+            "MLMESH_GATEWAY_EVENTS__KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "MLMESH_GATEWAY_EVENTS__SPOOL_DIR": str(self.workdir / "spool"),
+        }
+        self.events_mesh_pid, self.events_gateway, self.events_router = self._spawn_mesh("mesh-events", env)
+
+    def _spawn_mesh(self, name: str, extra_env: dict[str, str]) -> tuple[int, str, str]:
+        """Starts `python -m bench.mesh_entry` (gateway + router) and waits until it serves.
+
+        Returns (pid, gateway address, router address). Every mesh shares keys.db and Triton."""
         gateway_port, router_port = free_port(), free_port()
         env = dict(os.environ)
         env.update(
@@ -180,16 +224,14 @@ class Stack:
                 "MLMESH_GATEWAY_PORT": str(gateway_port),
                 "MLMESH_ROUTER_PORT": str(router_port),
                 "MLMESH_ROUTER_TRITON_URL": self.triton_grpc,
-                "MLMESH_GATEWAY_KEYS_DB": str(keys_db),
+                "MLMESH_GATEWAY_KEYS_DB": str(self.workdir / "keys.db"),
                 "MLMESH_LOG_LEVEL": "WARNING",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+                **extra_env,
             }
         )
-        if cprofile_path is not None:
-            env["MLMESH_BENCH_CPROFILE"] = str(cprofile_path)
-            self.mesh_profile_path = cprofile_path
-        log_path = self.workdir / "mesh.log"
-        self.progress(f"starting the mesh (gateway :{gateway_port}, router :{router_port})")
+        log_path = self.workdir / f"{name}.log"
+        self.progress(f"starting {name} (gateway :{gateway_port}, router :{router_port})")
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [*_pdeathsig_prefix(), sys.executable, "-m", "bench.mesh_entry"],
@@ -201,25 +243,26 @@ class Stack:
                 start_new_session=True,
             )
         # The gateway drains for its grace period (10 s) on SIGTERM; allow for that.
-        self._closers.append(("mesh", lambda: self._stop_mesh(process)))
-        self.mesh_pid = process.pid
-        self.gateway = f"127.0.0.1:{gateway_port}"
-        self.router = f"127.0.0.1:{router_port}"
-        self._wait_mesh(process, log_path)
+        self._closers.append((name, lambda: self._stop_mesh(process, log_path)))
+        gateway, router = f"127.0.0.1:{gateway_port}", f"127.0.0.1:{router_port}"
+        self._wait_mesh(process, log_path, gateway, router)
+        return process.pid, gateway, router
 
-    def _stop_mesh(self, process: subprocess.Popen[bytes]) -> None:
+    def _stop_mesh(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
         code = stop_process(process, term_timeout_s=20)
         if code not in (0, -signal.SIGTERM):
-            self.progress(f"warning: the mesh exited with code {code}; log: {self.workdir / 'mesh.log'}")
+            self.progress(f"warning: {log_path.stem} exited with code {code}; log: {log_path}")
 
-    def _wait_mesh(self, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90.0) -> None:
+    def _wait_mesh(
+        self, process: subprocess.Popen[bytes], log_path: Path, gateway: str, router: str, timeout_s: float = 90.0
+    ) -> None:
         deadline = time.monotonic() + timeout_s
 
         def check_alive() -> None:
             if process.poll() is not None:
-                raise RuntimeError(f"the mesh exited with code {process.returncode}:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"{log_path.stem} exited with code {process.returncode}:\n{_log_tail(log_path)}")
 
-        for address in (self.router, self.gateway):
+        for address in (router, gateway):
             with grpc.insecure_channel(address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 while True:
@@ -234,14 +277,14 @@ class Stack:
                         raise RuntimeError(f"the mesh at {address} was not SERVING in {timeout_s:.0f} s")
                     time.sleep(0.1)
         # SERVING is not enough: wait until the gateway lists both models as ready.
-        with grpc.insecure_channel(self.gateway) as channel:
-            gateway = gateway_pb2_grpc.GatewayStub(channel)
+        with grpc.insecure_channel(gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
             metadata = (("authorization", f"Bearer {self.api_key}"),)
             ready: dict[str, bool] = {}
             while True:
                 check_alive()
                 try:
-                    reply = gateway.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata, timeout=5)
+                    reply = stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata, timeout=5)
                     ready = {m.name: m.ready for m in reply.models}
                     if ready.get(PUBLIC_TABULAR) and ready.get(PUBLIC_LLM):
                         return
