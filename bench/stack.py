@@ -33,6 +33,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.api import gateway_pb2, gateway_pb2_grpc
 from services.common.net import free_port
+from services.common.processes import log_tail, signal_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MLSERVER_VENV = REPO_ROOT / ".venv-mlserver"
@@ -42,19 +43,10 @@ TRITON_TABULAR = "tabular_classifier"
 TRITON_LLM = "llm"
 PUBLIC_TABULAR = "tabular-classifier"
 PUBLIC_LLM = "llm"
-_LOG_TAIL_BYTES = 4000
 
 Progress = Callable[[str], None]
 
 
-def _log_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as log_file:
-            log_file.seek(0, os.SEEK_END)
-            log_file.seek(max(0, log_file.tell() - _LOG_TAIL_BYTES))
-            return log_file.read().decode("utf-8", errors="replace")
-    except OSError as error:
-        return f"<no log at {path}: {error}>"
 
 
 def _pdeathsig_prefix() -> list[str]:
@@ -66,15 +58,13 @@ def _pdeathsig_prefix() -> list[str]:
 def stop_process(process: subprocess.Popen[bytes], term_timeout_s: float) -> int | None:
     """SIGTERM to the child's process group, wait, then SIGKILL whatever is left."""
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=term_timeout_s)
         except subprocess.TimeoutExpired:
             pass
     # The group may outlive its leader (e.g. MLServer workers): kill the rest unconditionally.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    signal_group(process, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
     return process.returncode
@@ -260,7 +250,7 @@ class Stack:
 
         def check_alive() -> None:
             if process.poll() is not None:
-                raise RuntimeError(f"{log_path.stem} exited with code {process.returncode}:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"{log_path.stem} exited with code {process.returncode}:\n{log_tail(log_path)}")
 
         for address in (router, gateway):
             with grpc.insecure_channel(address) as channel:
@@ -322,7 +312,7 @@ class Stack:
                 grpc.channel_ready_future(channel).result(timeout=timeout_s)
             except grpc.FutureTimeoutError:
                 raise RuntimeError(
-                    f"the baseline proxy did not listen in {timeout_s:.0f} s:\n{_log_tail(log_path)}"
+                    f"the baseline proxy did not listen in {timeout_s:.0f} s:\n{log_tail(log_path)}"
                 ) from None
 
     def signal_mesh(self, signum: signal.Signals) -> None:
@@ -382,7 +372,7 @@ class Stack:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"MLServer exited with code {process.returncode}:\n{_log_tail(log_path)}")
+                    raise RuntimeError(f"MLServer exited with code {process.returncode}:\n{log_tail(log_path)}")
                 try:
                     request = service_pb2.ModelReadyRequest(name=MLSERVER_MODEL_NAME)
                     if stub.ModelReady(request, timeout=1).ready:
@@ -390,5 +380,5 @@ class Stack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"MLServer was not ready in {timeout_s:.0f} s:\n{_log_tail(log_path)}")
+                    raise RuntimeError(f"MLServer was not ready in {timeout_s:.0f} s:\n{log_tail(log_path)}")
                 time.sleep(0.2)

@@ -6,6 +6,7 @@ launcher hides the model-repository API and adds latency). See RUNBOOK-REAL-COMP
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -23,7 +24,6 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import InferenceServerClient, model_config_pb2
-from tritonclient.grpc.aio import InferenceServerClient as AioInferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from services.common.processes import log_tail, signal_group
@@ -258,15 +258,10 @@ async def load_model(
     model_repository: Path = DEFAULT_MODEL_REPOSITORY,
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
 ) -> None:
-    """Loads (or reloads) `name`; with `parameters`, overrides its config.pbtxt parameters."""
-    config = None if parameters is None else model_config_json(name, parameters, model_repository)
-    client = AioInferenceServerClient(grpc_url)
-    try:
-        await client.load_model(name, config=config, client_timeout=timeout_s)
-    except InferenceServerException as error:
-        raise ModelLoadError(f"Triton at {grpc_url} could not load model {name!r}: {error.message()}") from error
-    finally:
-        await client.close()
+    """load_model_sync, run off the event loop (loading takes seconds)."""
+    await asyncio.to_thread(
+        load_model_sync, grpc_url, name, parameters, model_repository=model_repository, timeout_s=timeout_s
+    )
 
 
 def load_model_sync(
@@ -277,7 +272,7 @@ def load_model_sync(
     model_repository: Path = DEFAULT_MODEL_REPOSITORY,
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
 ) -> None:
-    """Same as load_model, for synchronous startup code."""
+    """Loads (or reloads) `name`; with `parameters`, overrides its config.pbtxt parameters."""
     config = None if parameters is None else model_config_json(name, parameters, model_repository)
     client = InferenceServerClient(grpc_url)
     try:

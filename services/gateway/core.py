@@ -58,10 +58,12 @@ class Gateway:
         self.settings = settings
         self.hooks = list(hooks)
         self._models: dict[str, ModelInfo] = {}
+        self._refreshed_at = 0.0
 
     # -- model catalogue (cached; refreshed in the background, never per request) --
 
     async def refresh_models(self) -> None:
+        self._refreshed_at = time.monotonic()
         self._models = {m.name: m for m in await self.router.list_models()}
 
     async def keep_models_fresh(self, interval_s: float) -> None:
@@ -81,7 +83,9 @@ class Gateway:
         if not name:
             raise errors.InvalidArgument("model: must not be empty")
         model = self._models.get(name)
-        if model is None or not model.inputs:
+        # A miss may be a model that just loaded; look again, but at most once a second so a
+        # flood of requests for unknown models cannot turn into a flood of catalogue calls.
+        if (model is None or not model.inputs) and time.monotonic() - self._refreshed_at >= 1.0:
             await self.refresh_models()
             model = self._models.get(name)
         if model is None:

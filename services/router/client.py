@@ -8,6 +8,7 @@ import grpc
 
 from services.common import convert, telemetry
 from services.common.api import gateway_pb2, router_pb2, router_pb2_grpc
+from services.common.channels import internal_channel
 from services.common.domain import (
     GenerateChunk,
     GenerateInput,
@@ -19,18 +20,11 @@ from services.common.domain import (
 )
 from services.common.server import error_from_rpc
 
-_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
-
 
 class GrpcRouterClient:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._channel = internal_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def predict(self, ctx: RequestContext, request: PredictInput) -> PredictResult:

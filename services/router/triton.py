@@ -15,17 +15,8 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common import errors
+from services.common.channels import internal_channel
 from services.common.domain import GenerateInput, TensorData, TensorSpec
-
-_CHANNEL_OPTIONS = [
-    # Reconnect quickly after Triton restarts instead of gRPC's default backoff of up to 2 min.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +84,7 @@ class TritonBackend:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._channel = internal_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:
