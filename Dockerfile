@@ -36,10 +36,13 @@ RUN pip install pip==24.3.1 \
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
+COPY model_repository/ model_repository/
 # Editable, like scripts/setup.sh: REPO_ROOT-relative paths (protos/, model builders) keep working.
-# Stubs are generated here, at build time, from the protos copied above.
+# Stubs are generated here, at build time, from the protos copied above. The tabular ONNX is
+# built into model_repository/ so the registry can seed the demo model from it.
 RUN pip install --no-deps -e . \
- && python -m services.common.protogen
+ && python -m services.common.protogen \
+ && python -m services.common.model_build.tabular
 
 # Non-root. /data holds the gateway's key database (and the logger's state), /data/spool the
 # gateway's event spool, /artifacts the built models; compose mounts named volumes there, which
@@ -52,5 +55,5 @@ USER mlmesh
 ENV MLMESH_GATEWAY_KEYS_DB=/data/gateway.db \
     MLMESH_LOG_FORMAT=json
 
-EXPOSE 50051 50052
+EXPOSE 50051 50052 50054
 CMD ["python", "-m", "services.mesh"]

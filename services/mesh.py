@@ -12,26 +12,70 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from services.common.domain import GenerationUsage, PredictResult
 from services.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from services.common.settings import TelemetrySettings
 from services.common.telemetry import setup_logging, setup_telemetry
+from services.drift.app import DriftApp, start_drift
+from services.drift.settings import DriftSettings
 from services.gateway import servicer as gateway_servicer
 from services.gateway.core import Gateway, RouterPort
 from services.gateway.events import EventEmitter
-from services.gateway.hooks import GatewayHook
+from services.gateway.hooks import CompletedRequest, GatewayHook
 from services.gateway.keys import Authenticator, KeyStore
 from services.gateway.ratelimit import TenantRateLimiter
 from services.gateway.settings import GatewaySettings
 from services.logger.app import LoggerApp, start_logger
 from services.logger.settings import LoggerSettings
+from services.registry.app import RegistryApp, start_registry
+from services.registry.settings import RegistrySettings
 from services.router import servicer as router_servicer
 from services.router.client import GrpcRouterClient
-from services.router.core import RouterCore, RoutingTable
+from services.router.core import RouterCore
 from services.router.settings import RouterSettings
+from services.router.shadow import ShadowResult
 from services.router.triton import TritonBackend
+from services.router.watch import RegistryWatcher
 
 log = logging.getLogger(__name__)
-KNOWN_SERVICES = ("gateway", "router", "logger")
+
+
+class ShadowEvents:
+    """Publishes the router's shadow results through the gateway's emitter.
+
+    A shadow event gets its own prediction id, `<copied prediction id>~shadow-<variant>`: the
+    stored predictions are deduplicated by prediction id, and the real row must survive.
+    """
+
+    def __init__(self, emitter: EventEmitter) -> None:
+        self.emitter = emitter
+
+    def on_shadow_result(self, result: ShadowResult) -> None:
+        usage = None
+        if result.rpc == "Generate":
+            usage = GenerationUsage(result.input_tokens, result.output_tokens, 0.0, result.latency_ms)
+        self.emitter.on_complete(
+            CompletedRequest(
+                prediction_id=f"{result.prediction_id}~shadow-{result.served_by.variant}",
+                tenant=result.tenant,
+                rpc=result.rpc,
+                request=result.request,
+                served_by=result.served_by,
+                status=result.status,
+                error=result.error.message if result.error else "",
+                started_at_unix=result.started_at_unix,
+                latency_ms=result.latency_ms,
+                trace_id="",
+                result=PredictResult(result.prediction_id, result.served_by, result.outputs)
+                if result.rpc == "Predict" and result.error is None
+                else None,
+                completion_text=result.completion_text,
+                finish_reason=result.finish_reason,
+                usage=usage,
+                extra={"shadow": "true"},
+            )
+        )
+KNOWN_SERVICES = ("gateway", "router", "logger", "drift", "registry")
 
 
 @dataclass
@@ -41,6 +85,8 @@ class Mesh:
     gateway: Gateway | None = None
     emitter: EventEmitter | None = None
     logger: LoggerApp | None = None
+    registry: RegistryApp | None = None
+    drift: DriftApp | None = None
     _closers: list = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -49,9 +95,11 @@ class Mesh:
 
     async def stop(self) -> None:
         """Gateway first (drains client calls), then the router, then background work."""
-        for name in ("gateway", "router"):
+        for name in ("gateway", "router"):  # the registry's server stops with its app, below
             if name in self.servers:
                 await self.servers[name].stop()
+        if self.drift is not None:
+            await self.drift.stop()
         if self.logger is not None:
             await self.logger.stop()  # stores and commits its batch in flight
         for task in self._tasks:
@@ -61,12 +109,15 @@ class Mesh:
                 await task
         for close in self._closers:
             await close()
+        if self.registry is not None:  # last: routers in this process stop watching it first
+            await self.registry.stop()
 
 
 async def start_mesh(
     services: set[str] | frozenset[str],
     gateway_settings: GatewaySettings | None = None,
     router_settings: RouterSettings | None = None,
+    registry_settings: RegistrySettings | None = None,
 ) -> Mesh:
     unknown = set(services) - set(KNOWN_SERVICES)
     if unknown or not services:
@@ -77,14 +128,48 @@ async def start_mesh(
         if "logger" in services:
             # It owns the ClickHouse store: with embedded chdb, analysis services join this process.
             mesh.logger = await start_logger(LoggerSettings())
+        if "drift" in services:
+            drift_settings = DriftSettings()
+            if mesh.logger is None and not drift_settings.clickhouse_dsn:
+                raise ValueError(
+                    "drift needs the logger in its process (embedded ClickHouse) or MLMESH_DRIFT_CLICKHOUSE_DSN"
+                )
+            mesh.drift = await start_drift(drift_settings, mesh.logger.client if mesh.logger else None)
+            mesh.servers["drift"] = mesh.drift.server
+        if "registry" in services:
+            settings_reg = registry_settings or RegistrySettings()
+            if mesh.drift is not None and not settings_reg.analysis_address:
+                settings_reg = settings_reg.model_copy(update={"analysis_address": mesh.drift.address})
+            mesh.registry = await start_registry(settings_reg)
+            assert mesh.registry.server is not None
+            mesh.servers["registry"] = mesh.registry.server
         if "router" in services:
             settings = router_settings or RouterSettings()
+            if mesh.registry is not None and not settings.registry_address:
+                # A co-hosted router follows the registry beside it (same watch API as remote ones).
+                settings = settings.model_copy(update={"registry_address": mesh.registry.address})
             backend = TritonBackend(settings.triton_url)
             mesh.router = RouterCore(
-                backend, RoutingTable(settings.routes), settings.default_timeout_s, settings.batch_max_in_flight
+                backend,
+                settings.static_table(),
+                settings.default_timeout_s,
+                settings.batch_max_in_flight,
+                breaker=settings.breaker.config(),
+                shadow_max_in_flight=settings.shadow_max_in_flight,
             )
             await mesh.router.refresh_model_info()
             mesh._closers.append(mesh.router.close)
+            if settings.registry_address:
+                # Serves the cached table (if any) at once, then follows the registry's pushes.
+                watcher = RegistryWatcher(
+                    settings.registry_address,
+                    settings.router_id,
+                    mesh.router,
+                    settings.table_cache_path,
+                    settings.metrics_report_interval_s,
+                )
+                mesh._closers.insert(mesh._closers.index(mesh.router.close), watcher.stop)  # stops first
+                await watcher.start()
             mesh._tasks.append(
                 asyncio.create_task(mesh.router.keep_model_info_fresh(settings.model_refresh_interval_s))
             )
@@ -107,6 +192,8 @@ async def start_mesh(
                 emitter.start()
                 mesh.emitter = emitter
                 hooks.append(emitter)
+                if mesh.router is not None:  # shadow results become events too, marked as shadow
+                    mesh.router.observer = ShadowEvents(emitter)
                 mesh._closers.append(lambda: asyncio.to_thread(emitter.close))
             mesh.gateway = Gateway(router, auth, TenantRateLimiter(), settings_gw, hooks)
             mesh._tasks.append(

@@ -1,4 +1,4 @@
-"""`mlmesh`: run the mesh, call it, and manage API keys."""
+"""`mlmesh`: run the mesh, call it, manage API keys, model versions and rollouts."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from services.cli.client import (
     resolve_api_key,
     tensor_to_numpy,
 )
+from services.cli.registry_commands import add_registry_commands
+from services.cli.report_command import add_report_command
 from services.common.api import common_pb2, gateway_pb2, logger_pb2, logger_pb2_grpc
 
 console = Console()
@@ -48,6 +50,45 @@ def _features_from_args(args: argparse.Namespace) -> np.ndarray:
     return data.data[picks].astype(np.float32)
 
 
+def _predict_traffic(stub: object, request: gateway_pb2.PredictRequest, args: argparse.Namespace) -> int:
+    """Sends the request `repeat` times as different users and summarises who served them."""
+    from collections import Counter
+
+    metadata = auth_metadata(resolve_api_key(args.api_key))
+    served: Counter[tuple[str, str, str]] = Counter()
+    failures: Counter[str] = Counter()
+    started = time.perf_counter()
+    rows = None
+    if not args.features:  # every request its own rows of the dataset, like real traffic
+        from sklearn.datasets import load_breast_cancer
+
+        rows = load_breast_cancer().data.astype("<f4")
+        rng = np.random.default_rng(args.seed)
+    for i in range(args.repeat):
+        request.unit_id = f"{args.unit_id or 'user'}-{i}"
+        if rows is not None:
+            picked = rows[rng.choice(len(rows), size=request.inputs[0].shape[0], replace=False)]
+            request.inputs[0].raw_data = picked.tobytes()
+        try:
+            response = stub.Predict(request, metadata=metadata, timeout=args.timeout)  # type: ignore[attr-defined]
+            s = response.served_by
+            served[(s.model_version, s.experiment, s.variant)] += 1
+        except grpc.RpcError as exc:
+            failures[exc.code().name] += 1
+        if args.interval:
+            time.sleep(args.interval)
+    elapsed = time.perf_counter() - started
+    table = Table(title=f"{args.repeat} requests as {args.repeat} users in {elapsed:.1f}s")
+    for column in ("model version", "experiment", "variant", "requests"):
+        table.add_column(column)
+    for (version, experiment, variant), count in sorted(served.items()):
+        table.add_row(version, experiment or "-", variant or "-", str(count))
+    for code, count in sorted(failures.items()):
+        table.add_row("[red]failed[/red]", "", code, str(count))
+    console.print(table)
+    return 1 if failures else 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     features = _features_from_args(args)
     request = gateway_pb2.PredictRequest(
@@ -63,6 +104,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         unit_id=args.unit_id or "",
     )
     channel, stub = gateway_stub(args.gateway)
+    if args.repeat > 1:
+        try:
+            return _predict_traffic(stub, request, args)
+        finally:
+            channel.close()
     started = time.perf_counter()
     try:
         response = stub.Predict(request, metadata=auth_metadata(resolve_api_key(args.api_key)), timeout=args.timeout)
@@ -292,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--sample", type=int, default=3, help="without --features: N rows of breast_cancer")
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--unit-id", help="user/entity id for sticky experiment assignment")
+    predict.add_argument("--repeat", type=int, default=1, help="send it N times as N users; print who served them")
+    predict.add_argument("--interval", type=float, default=0.0, help="seconds between repeated requests")
     predict.set_defaults(func=cmd_predict)
 
     generate = sub.add_parser("generate", help="stream a completion from the LLM")
@@ -303,9 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=cmd_generate)
 
-    models = sub.add_parser("models", help="list the models the gateway serves")
+    models = sub.add_parser(
+        "models", help="the models the gateway serves; register|list|show|promote|rollback|alias: the registry"
+    )
     client_args(models)
     models.set_defaults(func=cmd_models)
+    add_registry_commands(sub, models)
+    add_report_command(sub)
 
     feedback = sub.add_parser("feedback", help="send ground truth / a rating for a prediction")
     client_args(feedback)

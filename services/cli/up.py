@@ -1,4 +1,4 @@
-"""`mlmesh up`: prepare models, start Triton, host router + gateway, serve until Ctrl-C."""
+"""`mlmesh up`: prepare models, start Triton, host registry + router + gateway, serve until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ from services.common.server import wait_for_shutdown_signal
 from services.common.settings import REPO_ROOT, STATE_DIR, load_yaml
 from services.common.tansu import TansuBroker
 from services.common.telemetry import setup_logging
-from services.common.triton_server import TritonServer, load_model_sync
+from services.common.triton_server import TritonServer
 from services.gateway.keys import KeyStore
 from services.gateway.settings import GatewaySettings
-from services.mesh import start_mesh
+from services.mesh import Mesh, start_mesh
+from services.registry.bootstrap import SeedModel, seed
+from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
 
 console = Console()
@@ -45,6 +47,7 @@ class UpSettings(BaseSettings):
     triton_metrics_port: int = 0
     kafka_port: int = 9092  # the embedded Tansu broker (memory storage)
     logger_port: int = 50053
+    drift_port: int = 50055  # hosted in the logger's process: both use the embedded ClickHouse
 
 
 def _ensure_dev_key(store: KeyStore) -> str:
@@ -112,18 +115,23 @@ def run_up(config_path: Path | None = None, llm: str | None = None) -> int:
             triton.start()
             triton.wait_ready(120)
             console.print(f"[green]✓[/green] Triton ready on {triton.grpc_url} (log: {triton.log_path})")
-            for name, params in (("tabular_classifier", None), ("llm", {"model_dir": str(llm_dir)})):
-                status.update(f"[bold]loading {name} into Triton[/bold]")
-                started = time.perf_counter()
-                load_model_sync(triton.grpc_url, name, params, model_repository=up.model_repository)
-                console.print(f"[green]✓[/green] loaded {name} ({time.perf_counter() - started:.1f}s)")
             api_key = _ensure_dev_key(KeyStore(gateway_settings.keys_db))
             status.update("[bold]waiting for the logger[/bold]")
             _wait_healthy(f"127.0.0.1:{up.logger_port}", logger_process, 60)
             console.print(f"[green]✓[/green] logger on 127.0.0.1:{up.logger_port} (ClickHouse: embedded chdb)")
         gateway_settings.events = gateway_settings.events.model_copy(update={"enabled": True, "kafka": kafka})
         router_settings = RouterSettings(**{**config.get("router", {}), "triton_url": triton.grpc_url})
-        asyncio.run(_serve(gateway_settings, router_settings, triton, api_key, up))
+        registry_settings = RegistrySettings(
+            **{"analysis_address": f"127.0.0.1:{up.drift_port}", **config.get("registry", {}),
+               "triton_url": triton.grpc_url}
+        )
+        seeds = [
+            SeedModel("tabular-classifier", "tabular", up.model_repository / "tabular_classifier",
+                      description="breast-cancer classifier (scikit-learn -> ONNX)"),
+            SeedModel("llm", "llm", up.model_repository / "llm", {"model_dir": str(llm_dir)},
+                      description=f"causal LM from {llm_dir.name}"),
+        ]
+        asyncio.run(_serve(gateway_settings, router_settings, registry_settings, seeds, triton, api_key, up))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -147,17 +155,20 @@ def run_up(config_path: Path | None = None, llm: str | None = None) -> int:
 
 
 def _start_logger(up: UpSettings, bootstrap: str) -> subprocess.Popen[bytes]:
-    """The logger owns the embedded ClickHouse directory (chdb allows one process per path)."""
+    """The logger owns the embedded ClickHouse directory (chdb allows one process per path), so
+    the analysis (drift) service is hosted in the same process."""
     log_path = STATE_DIR / "logs" / "logger.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        "MLMESH_SERVICES": "logger,drift",
         "MLMESH_LOGGER_PORT": str(up.logger_port),
+        "MLMESH_DRIFT_PORT": str(up.drift_port),
         "MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
     }
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.logger"], env=env, stdout=log, stderr=log, start_new_session=True
+            [sys.executable, "-m", "services.mesh"], env=env, stdout=log, stderr=log, start_new_session=True
         )
 
 
@@ -180,21 +191,31 @@ def _wait_healthy(address: str, process: subprocess.Popen[bytes], timeout_s: flo
 async def _serve(
     gateway_settings: GatewaySettings,
     router_settings: RouterSettings,
+    registry_settings: RegistrySettings,
+    seeds: list[SeedModel],
     triton: TritonServer,
     api_key: str,
     up: UpSettings,
 ) -> None:
     try:
-        mesh = await start_mesh({"gateway", "router"}, gateway_settings, router_settings)
+        mesh = await start_mesh({"registry", "gateway", "router"}, gateway_settings, router_settings,
+                                registry_settings)
     except RuntimeError as exc:
         raise OSError(f"{exc} (is another mlmesh already running?)") from exc
+    try:
+        await _seed_models(mesh, seeds)
+    except BaseException:
+        await mesh.stop()
+        raise
     table = Table(title="mlmesh is up", show_header=True)
     table.add_column("service")
     table.add_column("listens on")
     table.add_row("gateway (public API)", mesh.address("gateway").replace("127.0.0.1", gateway_settings.host))
     table.add_row("router (internal)", mesh.address("router"))
+    table.add_row("registry (versions, rollouts)", mesh.address("registry"))
     table.add_row("triton gRPC / HTTP", f"{triton.grpc_url} / {triton.http_url}")
     table.add_row("logger (events → ClickHouse)", f"127.0.0.1:{up.logger_port}")
+    table.add_row("drift (drift, A/B analysis)", f"127.0.0.1:{up.drift_port}")
     table.add_row("Kafka (Tansu)", gateway_settings.events.kafka.bootstrap_servers)
     console.print(table)
     console.print(f"dev API key (tenant 'dev'): [bold]{api_key}[/bold]  (saved in {DEV_KEY_FILE})")
@@ -203,9 +224,34 @@ async def _serve(
     console.print('  .venv/bin/mlmesh generate "What is the capital of France?"')
     console.print("  .venv/bin/mlmesh feedback <prediction id> --label 1")
     console.print("  .venv/bin/mlmesh query")
+    console.print("  .venv/bin/mlmesh models list        (registry: versions, stages; see README for rollouts)")
     console.print("serving until Ctrl-C")
     try:
         await wait_for_shutdown_signal()
         console.print("shutting down: draining in-flight requests ...")
     finally:
         await mesh.stop()
+
+
+async def _seed_models(mesh: Mesh, seeds: list[SeedModel]) -> None:
+    """Demo models go through the registry like any version: registered, promoted, audited."""
+    assert mesh.registry is not None and mesh.router is not None
+    registry = mesh.registry.registry
+    for model in seeds:
+        started = time.perf_counter()
+        with console.status(f"[bold]{model.name}[/bold]: checking the registry") as status:
+
+            def progress(phase: str, message: str, status: Status = status, name: str = model.name) -> None:
+                status.update(f"[bold]{name}[/bold] {phase}: {message}")
+
+            version = await seed(registry, model, progress)
+        console.print(
+            f"[green]✓[/green] {model.name} v{version} in production ({time.perf_counter() - started:.1f}s)"
+        )
+    # The co-hosted router serves once it has applied the registry's table with both models.
+    names = {m.name for m in seeds}
+    for _ in range(300):
+        if names <= {route.model for route in mesh.router.table.routes}:
+            return
+        await asyncio.sleep(0.1)
+    raise OSError("the router did not receive the registry's routing table within 30 s")

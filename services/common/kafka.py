@@ -2,6 +2,10 @@
 
 kafka-python is synchronous: call these from a thread, never from the asyncio loop. The same code
 talks to Tansu (embedded default) and Apache Kafka (production); see RUNBOOK-REAL-COMPONENTS.md.
+
+Two producers: `make_producer` (kafka-python, for the logger's dead letters, tests and benches)
+and `make_confluent_producer` (librdkafka, for the gateway's event emission: batching,
+compression and network I/O run in C threads, outside the GIL of the process that serves).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import importlib.util
 import logging
 from typing import Any, Literal
 
+import confluent_kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
 from pydantic import BaseModel, Field, SecretStr
@@ -59,6 +64,22 @@ class KafkaSettings(BaseModel):
             options["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
         if self.ssl_cafile:
             options["ssl_cafile"] = self.ssl_cafile
+        return options
+
+    def librdkafka_options(self) -> dict[str, Any]:
+        """The same connection settings under librdkafka's (confluent-kafka's) property names."""
+        options: dict[str, Any] = {
+            "bootstrap.servers": ",".join(s.strip() for s in self.bootstrap_servers.split(",") if s.strip()),
+            "client.id": self.client_id,
+            "request.timeout.ms": self.request_timeout_ms,
+            "security.protocol": self.security_protocol.lower(),
+        }
+        if self.sasl_mechanism:
+            options["sasl.mechanism"] = self.sasl_mechanism
+            options["sasl.username"] = self.sasl_username
+            options["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            options["ssl.ca.location"] = self.ssl_cafile
         return options
 
 
@@ -112,6 +133,35 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     }
     config.update(overrides)
     return KafkaProducer(**config)
+
+
+def make_confluent_producer(settings: KafkaSettings, **overrides: Any) -> confluent_kafka.Producer:
+    """A librdkafka producer for protobuf payloads (bytes keys and values); overrides use
+    librdkafka property names ("linger.ms", "compression.type", callbacks such as "error_cb").
+
+    acks=all with idempotence (Tansu hands out producer ids: checked against the real broker),
+    so librdkafka's retries cannot duplicate or reorder within a partition. murmur2_random is
+    the Java client's (and kafka-python's) key hash: a prediction id lands on the same partition
+    whichever client produced it. lz4 because every client decodes it, kafka-python included
+    (with the `lz4` package); zstd would need `zstandard`, which the logger's kafka-python lacks.
+    Nothing here waits for the broker: produce() only queues, poll()/flush() serve the reports.
+    """
+    config: dict[str, Any] = {
+        **settings.librdkafka_options(),
+        "acks": "all",
+        "enable.idempotence": True,
+        "partitioner": "murmur2_random",
+        "compression.type": "lz4",
+        "linger.ms": 5,
+        "message.max.bytes": 4 * 1024 * 1024,
+        # Missing topics are a configuration error: ensure_topics creates them with our layout.
+        "allow.auto.create.topics": False,
+        # librdkafka's log lines go through `logging`, served by poll()/flush() on the caller's thread.
+        "logger": logging.getLogger(f"{__name__}.librdkafka"),
+        "log.connection.close": False,
+    }
+    config.update(overrides)
+    return confluent_kafka.Producer(config)
 
 
 def make_consumer(settings: KafkaSettings, group_id: str | None, topics: list[str], **overrides: Any) -> KafkaConsumer:

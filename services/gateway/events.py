@@ -1,8 +1,11 @@
 """Event emission: every finished request and every feedback becomes a protobuf event on Kafka.
 
 The request path only appends the in-memory record to a bounded queue (never waits, never
-converts). One background thread converts, serializes and produces with acks=all; what the
-broker cannot take goes to the on-disk spool and is replayed, in order, once it is back.
+converts). One background thread converts and serializes each batch and hands it to librdkafka
+(confluent-kafka), which batches, compresses and talks to the broker in its own C threads,
+outside the GIL, with acks=all and idempotence. What the broker does not acknowledge (a delivery
+report with an error, an outage, the batch's time running out) goes to the on-disk spool and is
+replayed, in order, once it is back.
 """
 
 from __future__ import annotations
@@ -12,24 +15,19 @@ import logging
 import math
 import queue
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
-import numpy as np
+from confluent_kafka import KafkaError, KafkaException
 from google.protobuf import timestamp_pb2
-from kafka.errors import (
-    CorruptRecordError,
-    InvalidRecordError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-)
 
 from services.common.domain import GenerateInput, PredictInput, TensorData
 from services.common.gen.mlmesh.v1 import events_pb2
-from services.common.kafka import ensure_topics, make_producer
+from services.common.kafka import ensure_topics, make_confluent_producer
 from services.gateway.events_settings import EventSettings
 from services.gateway.hooks import CompletedRequest, FeedbackRecord, GatewayHook
 from services.gateway.spool import Spool, SpoolFull, SpoolRecord
@@ -38,24 +36,42 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
-# KServe v2 dtypes as little-endian numpy dtypes (tensors travel as raw little-endian bytes).
-_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+# KServe v2 dtypes as struct codes (tensors travel as raw little-endian bytes: "<" below).
+# struct, not numpy: for the few hundred values captured it is ~3x cheaper per tensor, and
+# this runs on the sender thread, under the GIL of the process that serves.
+_STRUCT_CODES: dict[str, str] = {
+    "BOOL": "?",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "FP16": "e",
+    "FP32": "f",
+    "FP64": "d",
 }
+_ITEM_SIZES = {name: struct.calcsize("<" + code) for name, code in _STRUCT_CODES.items()}
+_UNPACKERS: dict[tuple[str, int], Callable[[Any], tuple[Any, ...]]] = {}  # (code, count) -> unpack_from
+_UNPACKERS_MAX = 4096
 
-# The broker rejects these records themselves; retrying or spooling them would never succeed.
-_RECORD_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError)
+# The broker (or librdkafka, before sending) rejects these records themselves; retrying or
+# spooling them would never succeed.
+_RECORD_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,  # CORRUPT_MESSAGE
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
+# Producer-level errors after which the producer is dropped and the broker probed again: every
+# broker connection is gone (a restarted in-memory broker also forgot our producer id and our
+# topics), or librdkafka gave up on the idempotent producer (fatal).
+_BROKER_DOWN_ERRORS = frozenset({KafkaError._ALL_BROKERS_DOWN})
 
 _PREDICTION = 0
 _FEEDBACK = 1
@@ -67,17 +83,30 @@ _WAKE = (-1, None)  # queue item that only wakes the sender (close)
 
 def tensor_values(tensor: TensorData, capture_max_values: int) -> events_pb2.TensorValues:
     """Name, dtype, shape and the first capture_max_values values as float64 (none for BYTES)."""
-    summary = events_pb2.TensorValues(name=tensor.name, dtype=tensor.dtype, shape=tensor.shape)
-    dtype = _NUMPY_DTYPES.get(tensor.dtype)
-    if dtype is None:  # BYTES (or an unknown dtype on a rejected request): shape only
-        return summary
+    summary = events_pb2.TensorValues()
+    _fill_tensor_values(summary, tensor, capture_max_values)
+    return summary
+
+
+def _fill_tensor_values(summary: events_pb2.TensorValues, tensor: TensorData, capture_max_values: int) -> None:
+    """tensor_values() into a message already in place (event.inputs.add(): no copy)."""
+    summary.name = tensor.name
+    summary.dtype = tensor.dtype
+    summary.shape.extend(tensor.shape)
+    code = _STRUCT_CODES.get(tensor.dtype)
+    if code is None:  # BYTES (or an unknown dtype on a rejected request): shape only
+        return
     total = math.prod(max(dim, 0) for dim in tensor.shape)
     # Decode only the captured prefix, and never past the data a rejected request really sent.
-    count = max(0, min(total, capture_max_values, len(tensor.data) // dtype.itemsize))
+    count = max(0, min(total, capture_max_values, len(tensor.data) // _ITEM_SIZES[tensor.dtype]))
     if count:
-        summary.values.extend(np.frombuffer(tensor.data, dtype=dtype, count=count).astype(np.float64).tolist())
+        unpack = _UNPACKERS.get((code, count))
+        if unpack is None:
+            unpack = struct.Struct(f"<{count}{code}").unpack_from
+            if len(_UNPACKERS) < _UNPACKERS_MAX:
+                _UNPACKERS[code, count] = unpack
+        summary.values.extend(unpack(tensor.data))  # ints, floats, bools: stored as float64
     summary.truncated = count < total
-    return summary
 
 
 def _set_time(stamp: timestamp_pb2.Timestamp, unix_s: float) -> None:
@@ -105,21 +134,24 @@ def prediction_event(record: CompletedRequest, capture_max_values: int) -> event
         model_version=served.model_version if served else "",
         experiment=served.experiment if served else "",
         variant=served.variant if served else "",
-        # Not on CompletedRequest itself: the router/hooks may pass them through `extra`.
-        shadow=_flag(record.extra.get("shadow")),
-        span_id=record.extra.get("span_id", ""),
         latency_ms=record.latency_ms,
         status_code=record.status,
         error_message=record.error,
         trace_id=record.trace_id,
     )
-    with contextlib.suppress(ValueError):
-        event.cost_usd = float(record.extra.get("cost_usd", 0.0))
+    extra = record.extra
+    if extra:  # not on CompletedRequest itself: the router/hooks may pass them through `extra`
+        event.shadow = _flag(extra.get("shadow"))
+        event.span_id = extra.get("span_id", "")
+        with contextlib.suppress(ValueError):
+            event.cost_usd = float(extra.get("cost_usd", 0.0))
     _set_time(event.started_at, record.started_at_unix)
     if isinstance(request, PredictInput):
-        event.inputs.extend(tensor_values(t, capture_max_values) for t in request.inputs)
+        for tensor in request.inputs:
+            _fill_tensor_values(event.inputs.add(), tensor, capture_max_values)
         if record.result is not None:
-            event.outputs.extend(tensor_values(t, capture_max_values) for t in record.result.outputs)
+            for tensor in record.result.outputs:
+                _fill_tensor_values(event.outputs.add(), tensor, capture_max_values)
     elif isinstance(request, GenerateInput):
         event.prompt = request.prompt
         event.completion = record.completion_text
@@ -155,8 +187,41 @@ def feedback_event(fb: FeedbackRecord) -> events_pb2.FeedbackEvent:
 # -- emitter --
 
 
+def producer_config(settings: EventSettings) -> dict[str, Any]:
+    """The emitter's librdkafka properties on top of make_confluent_producer's (acks=all,
+    idempotence, murmur2 partitioner)."""
+    return {
+        "compression.type": settings.compression,
+        # The sender waits for each batch's reports and, after delivery_timeout_s, purges what
+        # is left and spools it. librdkafka's own per-message timeout is only a backstop, 1 s
+        # later, so it never expires a message first: an expired message leaves a gap that
+        # later messages of its partition would fill before the spool replays it.
+        "message.timeout.ms": int(settings.delivery_timeout_s * 1000) + 1000,
+        # The local queue holds one batch at a time; bounded by count and size all the same.
+        "queue.buffering.max.messages": max(100_000, settings.batch_max_events),
+        "queue.buffering.max.kbytes": 64 * 1024,
+        "reconnect.backoff.max.ms": 1000,
+        # A report per failed record only (see _Reports); success = flushed without a report.
+        "delivery.report.only.error": True,
+    }
+
+
 class _BrokerDown(Exception):
     """A produce batch was not fully acknowledged (timeout, connection loss, broker error)."""
+
+
+class _Reports:
+    """Failed-delivery reports of one batch, by position (served by poll/flush on the sender
+    thread). Only failures are reported (delivery.report.only.error): a Python callback per
+    acknowledged record would take the GIL once per event, from under the serving loop."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self, size: int) -> None:
+        self.errors: list[KafkaError | None] = [None] * size
+
+    def store(self, position: int, error: KafkaError | None, _message: Any) -> None:
+        self.errors[position] = error
 
 
 class EventEmitter(GatewayHook):
@@ -172,19 +237,13 @@ class EventEmitter(GatewayHook):
     accepts_feedback = True
 
     def __init__(self, settings: EventSettings, *, producer_overrides: dict[str, Any] | None = None) -> None:
+        """producer_overrides: librdkafka properties on top of make_confluent_producer's and ours."""
         self.settings = settings
         self.kafka = settings.kafka
         self._topics = {_PREDICTION: settings.kafka.predictions_topic, _FEEDBACK: settings.kafka.feedback_topic}
         self._producer_config: dict[str, Any] = {
-            # Fail a batch within seconds when the broker is gone, so it reaches the spool
-            # instead of sitting in kafka-python's retry loop; never block send() for long.
-            "request_timeout_ms": int(settings.delivery_timeout_s * 1000 * 0.6),
-            "delivery_timeout_ms": int(settings.delivery_timeout_s * 1000),
-            "max_block_ms": int(settings.delivery_timeout_s * 1000 * 0.4),
-            "bootstrap_timeout_ms": int(settings.delivery_timeout_s * 1000 * 0.4),
-            "reconnect_backoff_max_ms": 1000,
-            # A restarted broker must not get topics with default partitioning from a stray send.
-            "allow_auto_create_topics": False,
+            **producer_config(settings),
+            "error_cb": self._on_error,
             **(producer_overrides or {}),
         }
         # SimpleQueue: a C put with no lock dance; the bound is checked with qsize (racy by a
@@ -200,6 +259,7 @@ class EventEmitter(GatewayHook):
         self._deadline = math.inf
         self._next_probe = 0.0
         self._outage_logged = False
+        self._down_reason: str | None = None  # set by error_cb: drop the producer, probe again
         # Each counter has one writer thread (request path or sender), so no lock is needed.
         self._emitted = 0
         self._shed_queue_full = 0
@@ -298,6 +358,10 @@ class EventEmitter(GatewayHook):
 
     def _step(self) -> None:
         assert self._spool is not None
+        if self._producer is not None:
+            self._producer.poll(0)  # serves error_cb (and librdkafka's log lines) when idle
+            if self._down_reason is not None:
+                self._broker_lost(self._down_reason)
         if self._producer is None and time.monotonic() >= self._next_probe:
             self._connect()
         backlog = self._producer is not None and not self._spool.is_empty
@@ -320,8 +384,8 @@ class EventEmitter(GatewayHook):
         items: list[tuple[int, Any]] = []
         try:
             items.append(self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait())
-            # Gather before producing: kafka-python spends ~1 ms of CPU per produce request,
-            # whatever its size. Sleeping here also keeps put() cheap (no reader to wake).
+            # Gather before producing: one wake-up, one conversion pass and one flush per batch
+            # instead of per event. Sleeping here also keeps put() cheap (no reader to wake).
             if wait_s > 0 and self._linger_s > 0 and self._queue.qsize() < self.settings.batch_max_events:
                 self._stop.wait(self._linger_s)
             while len(items) < self.settings.batch_max_events:
@@ -352,8 +416,9 @@ class EventEmitter(GatewayHook):
             failed = self._produce(records, self._flush_timeout())
             self._delivered += len(records) - len(failed) - (self._dropped - dropped_before)
             records = failed
-            if failed:
-                self._broker_lost(f"{len(failed)} of a batch of {len(items)} events not acknowledged")
+            if failed or self._down_reason is not None:
+                reason = f"{len(failed)} of a batch of {len(items)} events not acknowledged"
+                self._broker_lost(self._down_reason or reason)
         self._to_spool(records)
 
     def _to_spool(self, records: Sequence[SpoolRecord]) -> None:
@@ -366,38 +431,78 @@ class EventEmitter(GatewayHook):
                 self._shed_spool_full += 1
 
     def _produce(self, records: Sequence[SpoolRecord], timeout_s: float) -> list[SpoolRecord]:
-        """Sends and waits for the acks; returns the records not acknowledged, in order.
+        """Hands the records to librdkafka and waits for their delivery reports, at most timeout_s
+        and not past a broker outage; returns the records not acknowledged, in order.
 
-        Records the broker rejects as such (too large, invalid) are counted as dropped.
+        Whatever is still queued or in flight at the end is purged (its report says so), so no
+        record of this batch can reach the broker after the ones returned here, which go to the
+        spool and are replayed before anything newer. Records the broker rejects as such (too
+        large, invalid) are counted as dropped. Waits only on this thread, never the request path.
         """
         producer = self._producer
-        futures: list[Any] = []
-        for position, record in enumerate(records):
-            try:
-                futures.append(producer.send(record.topic, key=record.key, value=record.value))
-            except _RECORD_ERRORS as exc:
-                futures.append(exc)
-            except Exception as exc:  # metadata timeout, closed producer: the broker is not usable
-                log.debug("event emitter: send failed: %s", exc)
-                return [*self._unacked(records[:position], futures), *records[position:]]
-        with contextlib.suppress(KafkaTimeoutError):
-            producer.flush(timeout=timeout_s)
-        return self._unacked(records, futures)
-
-    def _unacked(self, records: Sequence[SpoolRecord], futures: Sequence[Any]) -> list[SpoolRecord]:
+        deadline = time.monotonic() + timeout_s
+        reports = _Reports(len(records))
+        produced = 0
+        if self._down_reason is None:
+            produced = self._hand_over(producer, records, reports, deadline)
+        # flush() returns the number of records (and librdkafka events) not done yet and serves
+        # the failure reports and error_cb; in slices, so an outage ends the wait at once, and so
+        # does a close() that began meanwhile (its deadline, less time to spool the rest).
+        remaining = len(producer)
+        while remaining > 0 and self._down_reason is None:
+            left = min(deadline, self._deadline - 0.5) - time.monotonic()
+            if left <= 0:
+                break
+            remaining = producer.flush(min(0.1, left))
+        if remaining > 0:
+            producer.purge(in_queue=True, in_flight=True)
+            remaining = producer.flush(1.0)  # serves the purged records' (failure) reports
+        # Nothing outstanding: a record without a failure report was acknowledged. Otherwise
+        # (never seen) the unreported ones are spooled too: a duplicate rather than a loss.
+        settled = remaining == 0
         failed: list[SpoolRecord] = []
-        for record, future in zip(records, futures, strict=False):
-            error = future if isinstance(future, Exception) else None
-            if error is None and not (future.is_done and future.succeeded()):
-                error = future.exception if future.is_done else KafkaTimeoutError("no ack before the flush timeout")
-            if error is None:
+        for position, (record, error) in enumerate(zip(records, reports.errors, strict=True)):
+            if position >= produced or (error is None and not settled):
+                failed.append(record)
+            elif error is None:
                 continue
-            if isinstance(error, _RECORD_ERRORS):
+            elif error.code() in _RECORD_ERRORS:
                 self._dropped += 1
-                log.error("event emitter: broker rejected an event on %s: %s", record.topic, error)
+                log.error("event emitter: broker rejected an event on %s: %s", record.topic, error.str())
             else:
                 failed.append(record)
         return failed
+
+    def _hand_over(self, producer: Any, records: Sequence[SpoolRecord], reports: _Reports, deadline: float) -> int:
+        """produce() each record (librdkafka only queues it); returns how many were taken."""
+        for position, record in enumerate(records):
+            report = partial(reports.store, position)
+            try:
+                try:
+                    producer.produce(record.topic, record.value, record.key, on_delivery=report)
+                except BufferError:
+                    # librdkafka's bounded queue is full: let it drain (on this thread), once.
+                    producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
+                    producer.produce(record.topic, record.value, record.key, on_delivery=report)
+            except BufferError:
+                log.debug("event emitter: librdkafka queue still full; the rest of the batch is spooled")
+                return position
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is not None and error.code() in _RECORD_ERRORS:
+                    reports.errors[position] = error  # rejected before sending (over message.max.bytes)
+                    continue
+                log.debug("event emitter: produce failed: %s", exc)  # unknown topic, fatal producer
+                self._down_reason = self._down_reason or f"produce failed: {exc}"
+                return position
+        return len(records)
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka error_cb (served by poll/flush on the sender thread)."""
+        if error.fatal() or error.code() in _BROKER_DOWN_ERRORS:
+            self._down_reason = self._down_reason or f"{error.name()}: {error.str()}"
+        else:  # transient (one connection, one request): librdkafka retries by itself
+            log.debug("event emitter: librdkafka: %s", error.str())
 
     def _replay(self, max_records: int | None) -> None:
         assert self._spool is not None
@@ -406,13 +511,17 @@ class EventEmitter(GatewayHook):
             dropped_before = self._dropped
             failed = self._produce(batch, self._flush_timeout())
             if failed:
-                raise _BrokerDown(f"{len(failed)} of {len(batch)} replayed events not acknowledged")
+                reason = f"{len(failed)} of {len(batch)} replayed events not acknowledged"
+                raise _BrokerDown(self._down_reason or reason)
             self._replayed += len(batch) - (self._dropped - dropped_before)
 
         try:
             self._spool.replay(send, batch_records=self.settings.batch_max_events, max_records=max_records)
         except _BrokerDown as exc:
             self._broker_lost(str(exc))
+        else:
+            if self._down_reason is not None:
+                self._broker_lost(self._down_reason)
         # Keep the queue short: what arrived meanwhile goes behind the spool (one pass, so a
         # stream of arrivals cannot starve the replay).
         waiting = self._queue.qsize()
@@ -421,7 +530,7 @@ class EventEmitter(GatewayHook):
             waiting -= len(items)
 
     def _flush_timeout(self) -> float:
-        timeout = self.settings.delivery_timeout_s + 1.0
+        timeout = self.settings.delivery_timeout_s
         if self._closing:  # shutdown: what cannot be acknowledged in time goes to the spool
             timeout = min(timeout, max(0.1, self._deadline - time.monotonic() - 0.5))
         return timeout
@@ -438,14 +547,16 @@ class EventEmitter(GatewayHook):
 
     def _connect(self) -> None:
         """Probes the broker; on success re-creates the topics (an in-memory broker loses them on
-        restart) and a fresh producer (its producer id died with the old broker)."""
+        restart) and a fresh producer (its producer id died with the old broker: an idempotent
+        producer that outlives a restarted Tansu gets UnknownProducerId forever)."""
         self._next_probe = time.monotonic() + self.settings.probe_interval_s
         if not self._broker_reachable():
             self._log_outage("broker unreachable")
             return
         try:
             ensure_topics(self.kafka, list(self._topics.values()), timeout_s=self.settings.delivery_timeout_s)
-            self._producer = make_producer(self.kafka, **self._producer_config)
+            self._down_reason = None
+            self._producer = make_confluent_producer(self.kafka, **self._producer_config)
         except Exception as exc:
             self._producer = None
             self._log_outage(f"{type(exc).__name__}: {exc}")
@@ -469,7 +580,11 @@ class EventEmitter(GatewayHook):
         if self._producer is not None:
             producer, self._producer = self._producer, None
             with contextlib.suppress(Exception):
-                producer.close(timeout=0)  # undelivered batches are already in the spool
+                # Nothing is outstanding between batches (each one ends acknowledged or purged
+                # and spooled), so close() has nothing to flush and returns at once.
+                producer.purge(in_queue=True, in_flight=True)
+                producer.poll(0)
+                producer.close()
 
     def _finish(self) -> None:
         """Shutdown: everything still queued goes to Kafka (if it answers in time) or the spool."""

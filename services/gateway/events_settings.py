@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,11 +28,17 @@ class EventSettings(BaseModel):
     batch_max_events: int = Field(default=1000, ge=1)
     # Records replayed between two looks at the live queue, so new events keep moving.
     replay_chunk_events: int = Field(default=5000, ge=1)
-    # How long the sender gathers events into one produce request. kafka-python costs ~1 ms of
-    # CPU per request (measured): 20 ms cut emission's CPU from ~320 to ~130 us/event at 2k/s.
+    # How long the sender gathers events before converting and producing them: one wake-up of
+    # its thread (and one GIL hand-over) per batch rather than per event. librdkafka batches
+    # and compresses on its own threads; its linger.ms is moot, each batch is flushed.
     linger_ms: int = Field(default=20, ge=0)
-    # How long a batch may wait for its acks before it goes to the spool (also bounds how long
-    # the producer retries against a dead broker).
+    # How long a batch may wait for its acks before what is left is purged and spooled (also
+    # bounds how long the producer retries against a dead broker). An outage that librdkafka
+    # sees (all broker connections down) ends the wait at once.
     delivery_timeout_s: float = Field(default=5.0, ge=1.0)
+    # Kafka record-batch compression (librdkafka compression.type). Every consumer must decode
+    # it: kafka-python needs the `lz4` package for lz4 (installed) and `zstandard` for zstd (not
+    # installed here: the logger could not read zstd batches); snappy needs python-snappy.
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     # How often to check whether an unreachable broker is back.
     probe_interval_s: float = Field(default=1.0, gt=0)

@@ -32,6 +32,7 @@ from services.common.kafka import KafkaSettings
 from services.common.settings import REPO_ROOT, TelemetrySettings
 from services.gateway.settings import GatewaySettings
 from services.logger.settings import LoggerSettings
+from services.registry.settings import RegistrySettings
 from services.router.settings import DEFAULT_ROUTES, RouterSettings
 
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
@@ -49,6 +50,7 @@ SETTINGS_BY_PREFIX: dict[str, type[BaseSettings]] = {
     "MLMESH_GATEWAY_": GatewaySettings,
     "MLMESH_ROUTER_": RouterSettings,
     "MLMESH_LOGGER_": LoggerSettings,
+    "MLMESH_REGISTRY_": RegistrySettings,
     "MLMESH_OTEL_": TelemetrySettings,
 }
 PROCESS_VARIABLES = {
@@ -59,7 +61,7 @@ PROCESS_VARIABLES = {
 }
 TRITON_GRPC_PORT = 8001  # tritonserver's default; the image's CMD does not change it
 CLICKHOUSE_HTTP_PORT = 8123  # clickhouse-server's HTTP interface (the image's default)
-SERVICES = ("models", "triton", "router", "gateway", "kafka", "clickhouse", "logger")
+SERVICES = ("models", "triton", "postgres", "registry", "router", "gateway", "kafka", "clickhouse", "logger")
 
 pytestmark = pytest.mark.integration
 
@@ -513,3 +515,25 @@ def test_gpu_profile_serves_vllm_on_an_nvidia_gpu(compose: dict[str, Any]) -> No
     engine_args = json.loads((MODEL_REPOSITORY / "vllm_llm" / "1" / "model.json").read_text())
     assert path_under_mount(engine_args["model"], gpu) is not None, "vLLM's weights must be on a mounted volume"
     assert (MODEL_REPOSITORY / "tensorrt_llm" / "README.md").is_file()
+
+
+def test_registry_keeps_state_in_postgres_and_routers_follow_it(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = load_settings(compose, "registry", RegistrySettings, monkeypatch)
+    assert isinstance(registry, RegistrySettings)
+    assert registry.host == "0.0.0.0"
+    assert registry.database_url.startswith("postgresql://") and "@postgres:5432/" in registry.database_url
+    assert host_port(registry.triton_url) == ("triton", TRITON_GRPC_PORT)
+    # The seeded directories exist in the image (the Dockerfile copies model_repository/ to /app).
+    for model in registry.seed:
+        assert model.directory.startswith("/app/model_repository/")
+        assert (REPO_ROOT / model.directory.removeprefix("/app/") / "config.pbtxt").is_file(), model.directory
+    assert {m.name for m in registry.seed} == set(DEFAULT_ROUTES)
+
+    router_env = environment(service(compose, "router"))
+    assert host_port(router_env["MLMESH_ROUTER_REGISTRY_ADDRESS"]) == ("registry", registry.port)
+    postgres = service(compose, "postgres")
+    assert "registry" in service(compose, "router").get("depends_on", {})
+    assert "postgres" in service(compose, "registry").get("depends_on", {})
+    assert environment(postgres)["POSTGRES_DB"] in registry.database_url

@@ -66,6 +66,25 @@ def test_numeric_tensors_become_float64_values(dtype: str, numpy_dtype: str) -> 
     assert not summary.truncated
 
 
+@pytest.mark.parametrize(
+    ("dtype", "raw"),
+    [
+        ("FP32", np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, 3.4e38], dtype="<f4")),
+        ("FP16", np.array([6e-8, 65504.0, -np.inf, 0.1], dtype="<f2")),
+        ("FP64", np.array([5e-324, 1.7976931348623157e308, np.nan], dtype="<f8")),
+        ("UINT64", np.array([2**64 - 1, 2**53 + 1, 0], dtype="<u8")),
+        ("INT64", np.array([-(2**63), 2**63 - 1, -1], dtype="<i8")),
+        ("INT8", np.array([-128, 127, -1], dtype="<i1")),
+        ("BOOL", np.frombuffer(b"\x00\x01\x02\xff", dtype="?")),  # any non-zero byte is true
+    ],
+)
+def test_edge_values_decode_like_numpy_float64(dtype: str, raw: np.ndarray) -> None:
+    expected = np.frombuffer(raw.tobytes(), dtype=raw.dtype).astype(np.float64)
+    for count in (1, len(raw)):  # one decoder per (dtype, count): both must be right
+        values = np.array(tensor_values(TensorData("x", dtype, (len(raw),), raw.tobytes()), count).values)
+        np.testing.assert_array_equal(values, expected[:count])
+
+
 def test_big_endian_hosts_are_not_assumed_values_are_little_endian() -> None:
     data = np.array([1.5, -2.0], dtype=">f4").astype("<f4").tobytes()
     assert list(tensor_values(TensorData("x", "FP32", (2,), data), 10).values) == [1.5, -2.0]

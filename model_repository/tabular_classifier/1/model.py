@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,30 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(
             str(version_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        # Fault injection for rollout drills: a version registered with these config parameters
+        # is deliberately bad (fails a share of batches, or answers slowly). Both default to off.
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.fault_error_rate = float(parameters.get("fault_error_rate", {}).get("string_value", "0") or 0)
+        self.fault_delay_s = float(parameters.get("fault_delay_ms", {}).get("string_value", "0") or 0) / 1000
+        # Faults start after this many batches: a version that passes warm-up, then fails live.
+        self.fault_after_batches = int(parameters.get("fault_after_batches", {}).get("string_value", "0") or 0)
+        self.batches_seen = 0
+
+    def _injected_fault(self) -> str | None:
+        self.batches_seen += 1
+        if self.batches_seen <= self.fault_after_batches:
+            return None
+        if self.fault_delay_s > 0:
+            time.sleep(self.fault_delay_s)
+        if self.fault_error_rate > 0 and random.random() < self.fault_error_rate:
+            return f"injected fault (fault_error_rate={self.fault_error_rate})"
+        return None
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # The dynamic batcher hands over several requests: run them as one batch.
+        fault = self._injected_fault()
+        if fault is not None:
+            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(fault)) for _ in requests]
         batches = [pb_utils.get_input_tensor_by_name(request, "features").as_numpy() for request in requests]
         try:
             labels, probabilities = self.session.run(

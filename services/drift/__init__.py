@@ -1,0 +1,1 @@
+"""Drift detection and A/B analysis for mlmesh (statistics core in :mod:`services.drift.statistics`)."""

@@ -1,0 +1,1 @@
+"""The registry: model versions, artifacts, stages, promotion rules and rollouts."""

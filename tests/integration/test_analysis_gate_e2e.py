@@ -1,0 +1,131 @@
+"""End to end: traffic through the mesh -> Kafka -> logger -> ClickHouse -> analysis -> the rollout
+controller rolls back a degraded canary on the analysis verdict alone (router-counter triggers off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.kafka import KafkaSettings, ensure_topics
+from services.common.net import free_port
+from services.common.settings import REPO_ROOT
+from services.common.tansu import TansuBroker
+from services.common.triton_server import TritonServer
+from services.gateway.keys import KeyStore
+from services.registry.app import RegistryApp, start_registry
+from services.registry.settings import RegistrySettings, RolloutDefaults
+from tests.integration._mesh import MeshProcess
+from tests.integration.mesh_fixtures import GENEROUS_LIMITS
+from tests.integration.test_registry_rollouts import Traffic, tabular_files
+
+MODEL = "rollout-clf"  # the traffic helper's model name
+# Effectively off, so only the analysis verdict can stop the canary.
+TRIGGERS_OFF = {"max_error_rate": 1.0, "max_latency_ratio": 1e9}
+
+
+async def _wait_serving(address: str, timeout_s: float = 60.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        for _ in range(int(timeout_s / 0.2)):
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{address} not serving after {timeout_s}s")
+
+
+def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The logger and the analysis service in one process: they share the embedded ClickHouse."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "services.mesh"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    triton: TritonServer, kafka_broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[RegistryApp, MeshProcess, str]]:
+    workdir = tmp_path_factory.mktemp("analysis-e2e")
+    suffix = uuid.uuid4().hex[:8]
+    topics = {"PREDICTIONS_TOPIC": f"gate.predictions.{suffix}", "FEEDBACK_TOPIC": f"gate.feedback.{suffix}",
+              "ALERTS_TOPIC": f"gate.alerts.{suffix}", "DEADLETTER_TOPIC": f"gate.deadletter.{suffix}"}
+    await asyncio.to_thread(
+        ensure_topics, KafkaSettings(bootstrap_servers=kafka_broker.bootstrap, **{k.lower(): v for k, v in topics.items()})
+    )
+    drift_port = free_port()
+    analytics_env = {
+        **os.environ,
+        "MLMESH_SERVICES": "logger,drift",
+        "MLMESH_LOGGER_PORT": str(free_port()),
+        "MLMESH_DRIFT_PORT": str(drift_port),
+        "MLMESH_LOGGER_CLICKHOUSE_DSN": f"chdb://{workdir / 'clickhouse'}",
+        "MLMESH_LOGGER_GROUP_ID": f"gate-logger-{suffix}",
+        "MLMESH_LOGGER_PII_HASH_SALT": "test-salt",
+        "MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
+        **{f"MLMESH_LOGGER_KAFKA__{k}": v for k, v in topics.items()},
+    }
+    log_path = workdir / "analytics.log"
+    analytics = await asyncio.to_thread(_start, analytics_env, log_path)
+    registry = await start_registry(RegistrySettings(
+        port=0, database_url=f"sqlite:///{workdir / 'registry.db'}", artifact_dir=str(workdir / "artifacts"),
+        triton_url=triton.grpc_url, grace_period_s=2.0, analysis_address=f"127.0.0.1:{drift_port}",
+        rollout=RolloutDefaults(step_duration_s=4.0, min_requests_per_step=50, analysis_interval_s=0.5),
+    ))
+    keys_db = workdir / "keys.db"
+    api_key = KeyStore(keys_db).create("gate", GENEROUS_LIMITS).api_key
+    mesh = MeshProcess(
+        "gateway,router", triton.grpc_url, keys_db, workdir / "mesh.log",
+        MLMESH_ROUTER_REGISTRY_ADDRESS=registry.address,
+        MLMESH_ROUTER_METRICS_REPORT_INTERVAL_S="0.2",
+        MLMESH_ROUTER_TABLE_CACHE_PATH=str(workdir / "router-table.json"),
+        MLMESH_GATEWAY_EVENTS__ENABLED="true",
+        MLMESH_GATEWAY_EVENTS__SPOOL_DIR=str(workdir / "spool"),
+        MLMESH_GATEWAY_EVENTS__KAFKA__BOOTSTRAP_SERVERS=kafka_broker.bootstrap,
+        **{f"MLMESH_GATEWAY_EVENTS__KAFKA__{k}": v for k, v in topics.items()},
+    )
+    try:
+        await _wait_serving(f"127.0.0.1:{drift_port}")
+        stable = await registry.registry.register("test", MODEL, "tabular", tabular_files(), "stable")
+        await registry.registry.transition("test", MODEL, str(stable.version), "staging", "")
+        await registry.registry.transition("test", MODEL, str(stable.version), "production", "")
+        mesh.start()
+        await asyncio.to_thread(mesh.wait_serving, api_key, 60.0, (MODEL,))
+        yield registry, mesh, api_key
+    finally:
+        exit_code = await asyncio.to_thread(mesh.stop)
+        await registry.stop()
+        analytics.send_signal(signal.SIGTERM)
+        analytics_exit = await asyncio.to_thread(analytics.wait, 30)
+        assert exit_code == 0, mesh.log_tail()
+        assert analytics_exit == 0, (await asyncio.to_thread(log_path.read_text))[-3000:]
+
+
+async def test_degraded_canary_is_rolled_back_on_the_clickhouse_verdict(stack) -> None:
+    registry, mesh, api_key = stack
+    slow = await registry.registry.register("test", MODEL, "", tabular_files(fault_delay_ms="25"), "degraded")
+    await registry.registry.transition("test", MODEL, str(slow.version), "staging", "")
+    async with Traffic(mesh.gateway, api_key, concurrency=8).running():
+        state = await registry.rollouts.start("test", MODEL, str(slow.version), steps=[0.5, 1.0],
+                                              triggers=TRIGGERS_OFF)
+        for _ in range(240):
+            if registry.rollouts.get(state.id).state not in ("running", "paused"):
+                break
+            await asyncio.sleep(0.25)
+    state = registry.rollouts.get(state.id)
+    assert state.state == "rolled_back", (state.state, state.reason, state.analyses)
+    assert "worse on the canary" in state.reason and "latency" in state.reason, state.reason
+    assert "always-valid p=" in state.reason
+    production = await registry.registry.production(MODEL)
+    assert production is not None and production.version != slow.version
