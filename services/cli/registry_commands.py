@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from services.common.api import registry_pb2, registry_pb2_grpc
+from services.common.api import drift_pb2, registry_pb2, registry_pb2_grpc
 from services.registry.artifacts import read_directory
 
 DEFAULT_REGISTRY = os.environ.get("MLMESH_REGISTRY_ADDRESS", "127.0.0.1:50054")
@@ -163,10 +163,14 @@ def cmd_models_alias(args: argparse.Namespace) -> int:
 def print_rollout(rollout: registry_pb2.Rollout) -> None:
     colours = {"promoted": "green", "rolled_back": "red", "failed": "red", "aborted": "yellow"}
     colour = colours.get(rollout.state, "cyan")
+    bandit = rollout.allocation == "bandit"
+    where = f"round {rollout.step + 1}" if bandit else f"step {rollout.step + 1}/{len(rollout.steps)}"
     console.print(
         f"rollout [bold]{rollout.id}[/bold] {rollout.model}: v{rollout.candidate_version} vs stable "
-        f"v{rollout.stable_version} — [{colour}]{rollout.state}[/{colour}] at step {rollout.step + 1}/"
-        f"{len(rollout.steps)} ({rollout.fraction:.0%} canary)" + (f" — {rollout.reason}" if rollout.reason else "")
+        f"v{rollout.stable_version}" + (f" on {rollout.primary_metric}" if rollout.primary_metric else "")
+        + (" (bandit)" if bandit else "")
+        + f" — [{colour}]{rollout.state}[/{colour}] at {where} ({rollout.fraction:.0%} canary)"
+        + (f" — {rollout.reason}" if rollout.reason else "")
     )
     if rollout.state == "rolled_back":
         console.print(
@@ -175,16 +179,30 @@ def print_rollout(rollout: registry_pb2.Rollout) -> None:
         )
     if rollout.analyses:
         table = Table()
-        for column in ("step", "canary share", "verdict", "canary req", "canary err", "canary p95 ms",
-                       "stable req", "stable err", "stable p95 ms", "reasons"):
+        columns = ["round" if bandit else "step", "canary share", "verdict", "canary req", "canary err",
+                   "canary p95 ms", "stable req", "stable err", "stable p95 ms", "reasons"]
+        if bandit:
+            columns.insert(3, "P(canary better)")
+        for column in columns:
             table.add_column(column)
         for a in rollout.analyses:
-            table.add_row(
+            row = [
                 str(a.step + 1), f"{a.fraction:.0%}", a.verdict, str(a.canary.requests), f"{a.canary.error_rate:.3f}",
                 f"{a.canary.latency_p95_ms:.1f}", str(a.stable.requests), f"{a.stable.error_rate:.3f}",
                 f"{a.stable.latency_p95_ms:.1f}", "; ".join(a.reasons),
-            )
+            ]
+            if bandit:
+                row.insert(3, f"{a.prob_canary_best:.3f}" if a.HasField("prob_canary_best") else "-")
+            table.add_row(*row)
         console.print(table)
+
+
+def parse_metric(text: str) -> drift_pb2.MetricSpec:
+    """kind[:value]: label_rate:1, outcome_rate:converted, rating_mean, mean:latency_ms, quantile:latency_ms."""
+    kind, _, rest = text.partition(":")
+    if kind in ("mean", "quantile"):
+        return drift_pb2.MetricSpec(kind=kind, column=rest)
+    return drift_pb2.MetricSpec(kind=kind, value=rest)
 
 
 def cmd_rollout_start(args: argparse.Namespace) -> int:
@@ -198,6 +216,10 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         ),
         policy_yaml=Path(args.policy).read_text() if args.policy else "",
         shadow_fraction=(args.shadow or 0.0) / 100, reason=args.reason or "",
+        primary_metric=parse_metric(args.primary) if args.primary else None,
+        lower_is_better=args.lower_is_better, allocation="bandit" if args.bandit else "",
+        max_rounds=args.max_rounds or 0, bandit_floor=(args.bandit_floor or 0.0) / 100,
+        decision_probability=args.decision_probability or 0.0,
     )
 
     def run(stub: registry_pb2_grpc.RegistryStub) -> int:
@@ -362,6 +384,15 @@ def add_registry_commands(sub: argparse._SubParsersAction, models: argparse.Argu
     start.add_argument("--max-latency-ratio", type=float, help="rollback if canary p95 > this x stable (default 3)")
     start.add_argument("--policy", help="promotion policy YAML evaluated on live metrics at each step")
     start.add_argument("--shadow", type=float, help="start with a shadow phase copying this percentage")
+    start.add_argument("--primary", help="metric to win on (needs the analysis service): label_rate:1, "
+                       "outcome_rate:VALUE, rating_mean, mean:COLUMN; a significant win promotes early")
+    start.add_argument("--lower-is-better", action="store_true", help="the primary metric wins by decreasing")
+    start.add_argument("--bandit", action="store_true",
+                       help="Thompson sampling on the primary metric (a feedback rate) sets the canary share")
+    start.add_argument("--max-rounds", type=int, help="bandit: rounds before keeping stable (default 20)")
+    start.add_argument("--bandit-floor", type=float, help="bandit: minimum percentage per arm (default 5)")
+    start.add_argument("--decision-probability", type=float,
+                       help="bandit: posterior probability that ends the rollout (default 0.95)")
     start.add_argument("--reason")
     start.add_argument("--watch", action="store_true", help="follow it until it ends")
     start.add_argument("--timeout", type=float, default=900.0)

@@ -26,6 +26,7 @@ from services.drift import queries, store
 from services.drift.queries import CATEGORICAL_COLUMNS, METRIC_COLUMNS, NUMERIC_COLUMNS, Feature, RatioSpec, Scope
 from services.drift.settings import DriftSettings
 from services.drift.statistics import (
+    BetaBinomialResult,
     CategoricalProfile,
     DriftThresholds,
     MetricResult,
@@ -44,9 +45,11 @@ from services.drift.statistics import (
     sample_ratio_mismatch,
     sample_size_means,
     sample_size_two_proportions,
+    thompson_weights,
     two_proportion_ztest,
     worst_status,
 )
+from services.drift.statistics.bayesian import beta_binomial_ab
 from services.drift.statistics.pushdown import (
     Grid,
     grid_for,
@@ -67,6 +70,7 @@ R = TypeVar("R")
 FEATURES_PER_QUERY = 48  # keeps each generated query well under ClickHouse's max_query_size
 METRIC_KINDS = ("error_rate", "mean", "quantile", "label_rate", "outcome_rate", "rating_mean")
 PROPORTION_KINDS = ("error_rate", "label_rate", "outcome_rate")
+REWARD_KINDS = ("label_rate", "outcome_rate")  # feedback rates a bandit maximises
 
 
 def serialized(fn: Callable[P, R]) -> Callable[P, R]:
@@ -205,6 +209,18 @@ class ExperimentMetric:
     treatment: str
     srm_mismatch: bool
     note: str = ""
+    bayes: BetaBinomialResult | None = None
+
+
+@dataclass(frozen=True)
+class BanditWeights:
+    """Thompson allocation over every variant for one proportion metric."""
+
+    metric: str
+    weights: dict[str, float]
+    prob_best: dict[str, float]
+    successes: dict[str, int]
+    trials: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,7 @@ class ExperimentReport:
     variants: list[VariantInfo]
     results: list[ExperimentMetric]
     elapsed_ms: float
+    bandit: list[BanditWeights] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -673,6 +690,7 @@ class DriftService:
         correction: str = "",
         srm_threshold: float = 0.001,
         analysis_unit: str = "unit",
+        bandit_floor: float = 0.0,
     ) -> ExperimentReport:
         began = time.perf_counter()
         if not model or not experiment:
@@ -687,6 +705,8 @@ class DriftService:
             raise errors.InvalidArgument("alpha must lie in (0, 1)")
         specs = _normalise_metrics(metrics)
         scope = Scope(model, "", start, end, experiment=experiment, final=self.settings.read_final)
+        if not 0 <= bandit_floor < 0.5:
+            raise errors.InvalidArgument("bandit_floor must lie in [0, 0.5)")
 
         ratio_specs: list[RatioSpec] = []
         extra: dict[str, Any] = {}
@@ -770,8 +790,14 @@ class DriftService:
                 corrected = correct_metric_results([results[k].result for k in tested], method=correction, alpha=alpha)
                 for k, res in zip(tested, corrected, strict=True):
                     results[k] = replace(results[k], result=res)
+        bandit = [
+            allocation
+            for spec in specs
+            if spec.kind in REWARD_KINDS
+            and (allocation := _bandit_weights(spec, order, by_variant, bandit_floor)) is not None
+        ]
         return ExperimentReport(
-            model, experiment, analysis_unit, srm, variants, results, (time.perf_counter() - began) * 1000
+            model, experiment, analysis_unit, srm, variants, results, (time.perf_counter() - began) * 1000, bandit
         )
 
     def _ratio_result(
@@ -814,7 +840,13 @@ class DriftService:
             )
         else:
             res = ratio_welch(mc, mt, alpha=alpha, metric=spec.name)
-        return ExperimentMetric(res, spec.kind, c_name, t_name, srm_mismatch)
+        bayes = None
+        if spec.kind in PROPORTION_KINDS:
+            # Totals over units or predictions alike; the Beta-Binomial treats trials as independent.
+            bayes = beta_binomial_ab(
+                round(mc.sum_y), round(mc.sum_x), round(mt.sum_y), round(mt.sum_x), draws=20_000
+            )
+        return ExperimentMetric(res, spec.kind, c_name, t_name, srm_mismatch, bayes=bayes)
 
     def _quantile_result(
         self,
@@ -961,6 +993,25 @@ def _mixing_variance(spec: MetricSpec, control_value: float, treatment_value: fl
         return spec.mde**2
     base = abs(control_value) or abs(treatment_value)
     return (0.1 * base) ** 2 if base > 0 else max(variance, 1e-12)
+
+
+def _bandit_weights(
+    spec: MetricSpec, order: list[str], by_variant: dict[str, queries.VariantSums], floor: float
+) -> BanditWeights | None:
+    """None until every variant has a trial: a variant with no data cannot be weighed."""
+    present = [v for v in order if v in by_variant and by_variant[v].metrics[spec.name].sum_x >= 1]
+    if len(present) < 2 or len(present) != len(order) or floor >= 1 / len(present):
+        return None
+    successes = [round(by_variant[v].metrics[spec.name].sum_y) for v in present]
+    trials = [round(by_variant[v].metrics[spec.name].sum_x) for v in present]
+    allocation = thompson_weights(successes, trials, floor=floor, draws=20_000)
+    return BanditWeights(
+        spec.name,
+        dict(zip(present, allocation.weights, strict=True)),
+        dict(zip(present, allocation.prob_best, strict=True)),
+        dict(zip(present, successes, strict=True)),
+        dict(zip(present, trials, strict=True)),
+    )
 
 
 def _insufficient(

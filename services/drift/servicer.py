@@ -155,6 +155,7 @@ class DriftServicer(drift_pb2_grpc.DriftServicer):
             correction=request.correction,
             srm_threshold=request.srm_threshold or 0.001,
             analysis_unit=request.analysis_unit,
+            bandit_floor=request.bandit_floor,
         )
         return drift_pb2.AnalyzeExperimentResponse(
             model=report.model,
@@ -197,10 +198,18 @@ class DriftServicer(drift_pb2_grpc.DriftServicer):
                     srm_mismatch=m.srm_mismatch,
                     alpha=m.result.alpha,
                     note=m.note,
+                    prob_treatment_better=_opt(m.bayes.prob_treatment_better if m.bayes else None),
+                    expected_loss_treatment=_opt(m.bayes.expected_loss_treatment if m.bayes else None),
                 )
                 for m in report.results
             ],
             elapsed_ms=report.elapsed_ms,
+            bandit=[
+                drift_pb2.BanditAllocation(
+                    metric=b.metric, weights=b.weights, prob_best=b.prob_best, successes=b.successes, trials=b.trials
+                )
+                for b in report.bandit
+            ],
         )
 
     async def SampleSize(

@@ -13,8 +13,9 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import grpc
@@ -36,6 +37,8 @@ RUNNING, PAUSED, PROMOTED, ROLLED_BACK, ABORTED, FAILED = (
 )
 FINAL_STATES = {PROMOTED, ROLLED_BACK, ABORTED, FAILED}
 CANARY_VARIANT = "canary"
+RAMP, BANDIT = "ramp", "bandit"
+BANDIT_PROPORTIONS = ("label_rate", "outcome_rate")
 MIN_REQUESTS_FOR_EARLY_ROLLBACK = 10
 
 
@@ -57,6 +60,7 @@ class StepWindow:
     min_requests: int
     fraction: float = 0.0  # the canary's share during this step
     started_unix: float = 0.0
+    rollout_started_unix: float = 0.0  # bandit: the posterior uses everything since the start
 
     @property
     def complete(self) -> bool:
@@ -69,6 +73,9 @@ class Judgement:
     reasons: list[str] = field(default_factory=list)
     halt: bool = False  # pause for a human: the evidence itself is suspect (e.g. sample ratio mismatch)
     wait: bool = False  # no verdict yet: judge the step again later
+    promote: bool = False  # the candidate won on the primary metric: promote now, skipping later steps
+    canary_weight: float | None = None  # bandit: the canary's share for the next round
+    prob_canary_best: float | None = None  # bandit: posterior probability the canary is better
 
 
 class StepJudge(Protocol):
@@ -111,6 +118,16 @@ class TriggerJudge:
         return Judgement(bool(reasons), reasons)
 
 
+def metric_label(spec: dict[str, Any]) -> str:
+    """The name results carry: given, or kind[value] / kind(column)."""
+    if spec.get("name"):
+        return str(spec["name"])
+    kind = str(spec.get("kind", ""))
+    if spec.get("value"):
+        return f"{kind}[{spec['value']}]"
+    return f"{kind}({spec['column']})" if spec.get("column") else kind
+
+
 def stats_of(traffic: Traffic) -> dict[str, Any]:
     return {
         "requests": traffic.requests,
@@ -143,6 +160,12 @@ class RolloutState:
     canary_requests: int = 0
     time_to_rollback_s: float = 0.0
     actor: str = ""
+    primary_metric: dict[str, Any] | None = None  # MetricSpec fields (kind, name, value, column, quantile)
+    lower_is_better: bool = False
+    allocation: str = RAMP
+    max_rounds: int = 20
+    bandit_floor: float = 0.05
+    decision_probability: float = 0.95
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,7 +254,15 @@ class RolloutController:
         policy_yaml: str = "",
         shadow_fraction: float = 0.0,
         reason: str = "",
+        primary_metric: dict[str, Any] | None = None,
+        lower_is_better: bool = False,
+        allocation: str = "",
+        max_rounds: int = 0,
+        bandit_floor: float = 0.0,
+        decision_probability: float = 0.0,
     ) -> RolloutState:
+        allocation = allocation or RAMP
+        self._check_primary(primary_metric, allocation, max_rounds, bandit_floor, decision_probability)
         steps = list(steps or self.defaults.steps)
         if any(not 0 < s <= 1 for s in steps) or steps != sorted(steps):
             raise errors.InvalidArgument("steps: canary fractions must be increasing and within (0, 1]")
@@ -271,6 +302,12 @@ class RolloutController:
                 shadow_fraction=shadow_fraction,
                 actor=actor,
                 reason=reason,
+                primary_metric=primary_metric or None,
+                lower_is_better=lower_is_better,
+                allocation=allocation,
+                max_rounds=max_rounds or 20,
+                bandit_floor=bandit_floor or 0.05,
+                decision_probability=decision_probability or 0.95,
             )
             try:
                 await self.registry.ensure_loaded(candidate, lambda _p, _m: None)
@@ -285,6 +322,26 @@ class RolloutController:
             self._wake[state.id] = asyncio.Event()
             self._tasks[state.id] = asyncio.create_task(self._run(state))
             return state
+
+    def _check_primary(
+        self, primary: dict[str, Any] | None, allocation: str, max_rounds: int, floor: float, decision: float
+    ) -> None:
+        if allocation not in (RAMP, BANDIT):
+            raise errors.InvalidArgument(f"allocation: '{allocation}' is not one of ramp, bandit")
+        if primary and self.analysis_channel is None:
+            raise errors.FailedPrecondition(
+                "primary_metric: judged on logged events, which needs the analysis service (analysis_address)"
+            )
+        if allocation != BANDIT:
+            return
+        if not primary or primary.get("kind") not in BANDIT_PROPORTIONS:
+            raise errors.InvalidArgument(
+                f"primary_metric: a bandit needs a proportion metric ({', '.join(BANDIT_PROPORTIONS)}) to reward"
+            )
+        if max_rounds < 0 or not 0 <= floor < 0.5 or not (decision == 0 or 0.5 < decision < 1):
+            raise errors.InvalidArgument(
+                "bandit: max_rounds >= 0, bandit_floor in [0, 0.5) and decision_probability in (0.5, 1)"
+            )
 
     async def control(self, actor: str, rollout_id: str, action: str, reason: str) -> RolloutState:
         state = self.get(rollout_id)
@@ -351,7 +408,14 @@ class RolloutController:
         if self.analysis_channel is not None and phase == "canary":
             from services.registry.analysis_gate import AnalysisGate, GateSettings
 
-            judges.append(AnalysisGate(self.analysis_channel, state.model, f"rollout-{state.id}", GateSettings()))
+            judges.append(AnalysisGate(
+                self.analysis_channel, state.model, f"rollout-{state.id}",
+                GateSettings(
+                    primary_metric=state.primary_metric, lower_is_better=state.lower_is_better,
+                    bandit=state.allocation == BANDIT, bandit_floor=state.bandit_floor,
+                    decision_probability=state.decision_probability, min_trials=state.min_requests,
+                ),
+            ))
         return judges + self.extra_judges
 
     def _policy_judge(self, policy_yaml: str) -> StepJudge:
@@ -382,11 +446,8 @@ class RolloutController:
         keys = [(CANARY_VARIANT, str(state.candidate_version)), ("stable", str(state.stable_version)),
                 ("shadow", str(state.candidate_version))]
         first_exposure = time.monotonic()
-        phases: list[tuple[str, float]] = []
-        if state.shadow_fraction > 0 and state.step == 0 and not state.analyses:
-            phases.append(("shadow", state.shadow_fraction))
-        phases += [("canary", f) for f in state.steps[state.step:]]
-        for phase, fraction in phases:
+        rollout_started_unix = datetime.fromisoformat(state.started_at.replace("Z", "+00:00")).timestamp()
+        for phase, fraction in self._phases(state):
             while state.state == PAUSED:
                 await self._sleep_or_wake(state, 3600)
             if state.state == ABORTED:
@@ -420,9 +481,12 @@ class RolloutController:
                     min_requests=state.min_requests,
                     fraction=fraction if phase == "canary" else 0.0,
                     started_unix=step_started_unix,
+                    rollout_started_unix=rollout_started_unix,
                 )
                 reasons: list[str] = []
                 halts: list[str] = []
+                wins: list[str] = []
+                bandit: Judgement | None = None
                 waiting = False
                 for judge in self._judges(state, phase):
                     if isinstance(judge, TriggerJudge) or window.complete:
@@ -431,6 +495,8 @@ class RolloutController:
                             verdict = await verdict
                         reasons += verdict.reasons if verdict.rollback else []
                         halts += verdict.reasons if verdict.halt else []
+                        wins += verdict.reasons if verdict.promote else []
+                        bandit = verdict if verdict.canary_weight is not None else bandit
                         waiting = waiting or verdict.wait
                 if halts and not reasons:
                     state.state, state.reason = PAUSED, "halted: " + "; ".join(halts)
@@ -441,22 +507,47 @@ class RolloutController:
                 if waiting and not reasons:
                     continue
                 if reasons or window.complete:
+                    verdict = "rollback" if reasons else "promote" if wins else "continue"
                     analysis = {
                         "step": state.step, "phase": phase, "fraction": fraction, "started_at": started_at,
-                        "ended_at": utc_now(), "verdict": "rollback" if reasons else "continue",
-                        "reasons": reasons, "canary": stats_of(window.canary), "stable": stats_of(window.stable),
+                        "ended_at": utc_now(), "verdict": verdict, "reasons": reasons or wins,
+                        "canary": stats_of(window.canary), "stable": stats_of(window.stable),
                     }
+                    if bandit is not None:
+                        analysis["prob_canary_best"] = bandit.prob_canary_best
+                        analysis["reasons"] = reasons or wins or bandit.reasons
                     state.analyses.append(analysis)
                     if phase == "canary":
                         state.canary_requests += window.canary.requests
                     if reasons:
                         await self._end_with_stable(state, ROLLED_BACK, "; ".join(reasons), first_exposure)
                         return
+                    if wins:
+                        await self._promote(state, "; ".join(wins))
+                        return
                     if phase == "canary":
                         state.step += 1
+                        if bandit is not None and bandit.canary_weight is not None:
+                            state.fraction = bandit.canary_weight
                     await self._save(state)
                     break
+        if state.allocation == BANDIT:
+            await self._end_with_stable(
+                state, ROLLED_BACK, f"bandit: no winner after {state.max_rounds} rounds; stable kept", first_exposure
+            )
+            return
         await self._promote(state)
+
+    def _phases(self, state: RolloutState) -> Iterator[tuple[str, float]]:
+        """Ramp: the steps left. Bandit: rounds, each at the share the last analysis gave the canary."""
+        if state.shadow_fraction > 0 and state.step == 0 and not state.analyses:
+            yield "shadow", state.shadow_fraction
+        if state.allocation != BANDIT:
+            yield from (("canary", f) for f in state.steps[state.step:])
+            return
+        while state.step < state.max_rounds:
+            # A fresh bandit splits evenly: the uniform prior's Thompson weights.
+            yield "canary", state.fraction or 0.5
 
     async def _end_with_stable(
         self, state: RolloutState, final_state: str, reason: str, exposed_since: float | None = None
@@ -484,10 +575,10 @@ class RolloutController:
         if candidate.triton_model:
             await self.registry.drain_and_unload(candidate, table_version, lambda _p, _m: None)
 
-    async def _promote(self, state: RolloutState) -> None:
+    async def _promote(self, state: RolloutState, reason: str = "") -> None:
         """The rollout reads as promoted only once the candidate is production and routed to."""
         candidate = await self.registry.resolve(state.model, str(state.candidate_version))
-        reason = f"all {len(state.steps)} steps passed"
+        reason = reason or f"all {len(state.steps)} steps passed"
         async with self.registry.model_lock(state.model):
             await self.registry.swap_locked(
                 "rollout-controller", candidate, reason, lambda _p, _m: None, action="promote"

@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 
 from services.common import errors
-from services.common.api import registry_pb2, registry_pb2_grpc, routing_pb2
+from services.common.api import drift_pb2, registry_pb2, registry_pb2_grpc, routing_pb2
 from services.common.routing import table_to_proto
 from services.common.server import ServiceRegistration
 from services.registry.artifacts import read_directory
 from services.registry.core import Progress, Registry, run_with_progress
-from services.registry.rollout import RolloutController, RolloutState
+from services.registry.rollout import RolloutController, RolloutState, metric_label
 from services.registry.store import VersionRecord
 
 ACTOR_METADATA = "x-mlmesh-actor"
@@ -85,14 +85,23 @@ def rollout_to_pb(state: RolloutState) -> registry_pb2.Rollout:
         ended_at=state.ended_at,
         canary_requests=state.canary_requests,
         time_to_rollback_s=state.time_to_rollback_s,
+        allocation=state.allocation,
+        primary_metric=metric_label(state.primary_metric) if state.primary_metric else "",
     )
     for a in state.analyses:
         msg.analyses.add(
             step=a["step"], fraction=a["fraction"], started_at=a["started_at"], ended_at=a["ended_at"],
             verdict=a["verdict"] if a["phase"] == "canary" else f"shadow:{a['verdict']}", reasons=a["reasons"],
             canary=registry_pb2.VariantStats(**a["canary"]), stable=registry_pb2.VariantStats(**a["stable"]),
+            prob_canary_best=a.get("prob_canary_best"),
         )
     return msg
+
+
+def metric_spec_fields(spec: drift_pb2.MetricSpec) -> dict[str, Any] | None:
+    """The fields set on a MetricSpec (None when it is empty), as a rollout stores them."""
+    fields = {f.name: value for f, value in spec.ListFields()}
+    return fields or None
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -163,6 +172,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             triggers={"max_error_rate": t.max_error_rate, "max_latency_p95_ms": t.max_latency_p95_ms,
                       "max_latency_ratio": t.max_latency_ratio},
             policy_yaml=request.policy_yaml, shadow_fraction=request.shadow_fraction, reason=request.reason,
+            primary_metric=metric_spec_fields(request.primary_metric), lower_is_better=request.lower_is_better,
+            allocation=request.allocation, max_rounds=request.max_rounds, bandit_floor=request.bandit_floor,
+            decision_probability=request.decision_probability,
         )
         return rollout_to_pb(state)
 

@@ -1,22 +1,30 @@
 """End to end: traffic through the mesh -> Kafka -> logger -> ClickHouse -> analysis -> the rollout
-controller rolls back a degraded canary on the analysis verdict alone (router-counter triggers off).
+controller rolls back a degraded canary on the analysis verdict alone (router-counter triggers off),
+promotes early on a significant win in user feedback, and runs a Thompson-sampling bandit on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.api import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.kafka import KafkaSettings, ensure_topics
 from services.common.net import free_port
 from services.common.settings import REPO_ROOT
@@ -129,3 +137,103 @@ async def test_degraded_canary_is_rolled_back_on_the_clickhouse_verdict(stack) -
     assert "always-valid p=" in state.reason
     production = await registry.registry.production(MODEL)
     assert production is not None and production.version != slow.version
+
+
+@dataclass
+class UsersWithFeedback:
+    """Users who call Predict and then report whether the answer helped (label "1" or "0"): the
+    candidate helps more often, as a better model would. The chance depends on the variant."""
+
+    address: str
+    api_key: str
+    helped: dict[str, float]
+    concurrency: int = 6
+    feedback: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _user(self, stub: gateway_pb2_grpc.GatewayStub, rng: random.Random) -> None:
+        features = np.zeros((1, 30), dtype="<f4")
+        request = gateway_pb2.PredictRequest(
+            model=MODEL,
+            inputs=[common_pb2.Tensor(name="features", dtype="FP32", shape=[1, 30], raw_data=features.tobytes())],
+        )
+        metadata = [("authorization", f"Bearer {self.api_key}")]
+        while not self._stop.is_set():
+            request.unit_id = f"user-{rng.randrange(1_000_000)}"
+            try:
+                reply = await stub.Predict(request, metadata=metadata, timeout=10)
+                variant = reply.served_by.variant or "stable"
+                label = "1" if rng.random() < self.helped[variant] else "0"
+                await stub.Feedback(
+                    gateway_pb2.FeedbackRequest(prediction_id=reply.prediction_id, label=label),
+                    metadata=metadata, timeout=10,
+                )
+                self.feedback[(variant, label)] += 1
+            except grpc.aio.AioRpcError as exc:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[UsersWithFeedback]:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            tasks = [asyncio.create_task(self._user(stub, random.Random(i))) for i in range(self.concurrency)]
+            try:
+                yield self
+            finally:
+                self._stop.set()
+                await asyncio.gather(*tasks)
+
+
+async def _until_ended(registry: RegistryApp, rollout_id: str, timeout_s: float = 90.0) -> None:
+    for _ in range(int(timeout_s / 0.25)):
+        if registry.rollouts.get(rollout_id).state not in ("running", "paused"):
+            return
+        await asyncio.sleep(0.25)
+
+
+async def test_a_significant_win_on_the_primary_metric_promotes_early(stack) -> None:
+    registry, mesh, api_key = stack
+    better = await registry.registry.register("test", MODEL, "", tabular_files(), "helps more users")
+    await registry.registry.transition("test", MODEL, str(better.version), "staging", "")
+    async with UsersWithFeedback(mesh.gateway, api_key, {"canary": 0.8, "stable": 0.3}).running() as users:
+        state = await registry.rollouts.start(
+            "test", MODEL, str(better.version), steps=[0.3, 0.6, 0.9, 1.0], triggers=TRIGGERS_OFF,
+            primary_metric={"kind": "label_rate", "value": "1"},
+        )
+        await _until_ended(registry, state.id)
+    state = registry.rollouts.get(state.id)
+    assert users.failures == []
+    assert state.state == "promoted", (state.state, state.reason, state.analyses)
+    verdicts = [a["verdict"] for a in state.analyses]
+    assert verdicts[-1] == "promote" and len(verdicts) < 4, verdicts  # steps were skipped
+    assert state.reason.startswith("label_rate[1] better on the canary") and "always-valid p=" in state.reason
+    production = await registry.registry.production(MODEL)
+    assert production is not None and production.version == better.version
+
+
+async def test_bandit_shifts_traffic_to_the_better_arm_and_promotes_it(stack) -> None:
+    registry, mesh, api_key = stack
+    better = await registry.registry.register("test", MODEL, "", tabular_files(), "bandit arm")
+    await registry.registry.transition("test", MODEL, str(better.version), "staging", "")
+    async with UsersWithFeedback(mesh.gateway, api_key, {"canary": 0.6, "stable": 0.4}).running() as users:
+        state = await registry.rollouts.start(
+            "test", MODEL, str(better.version), triggers=TRIGGERS_OFF, allocation="bandit", min_requests=300,
+            primary_metric={"kind": "label_rate", "value": "1"}, max_rounds=8, decision_probability=0.99,
+        )
+        await _until_ended(registry, state.id, 150.0)
+    state = registry.rollouts.get(state.id)
+    assert users.failures == []
+    assert state.state == "promoted", (state.state, state.reason, state.analyses)
+    assert state.reason.startswith("bandit: P(canary better on label_rate[1]) = "), state.reason
+    rounds = state.analyses
+    assert rounds[0]["fraction"] == 0.5  # the uniform prior splits evenly
+    for previous, current in itertools.pairwise(rounds):
+        # Each round runs at the share the previous round's posterior gave the canary (the same
+        # share again while no feedback has been logged yet).
+        p = previous["prob_canary_best"]
+        expected = previous["fraction"] if p is None else min(max(p, 0.05), 0.95)
+        assert current["fraction"] == pytest.approx(expected), rounds
+    assert rounds[-1]["prob_canary_best"] >= 0.99
+    production = await registry.registry.production(MODEL)
+    assert production is not None and production.version == better.version

@@ -5,7 +5,8 @@ normalizes the file, and the asserts check what a user depends on when they run 
 gateway is published on 50051, every MLMESH_* variable is one the settings classes read
 (pydantic-settings would silently ignore a misspelt one), the services find each other, Triton
 loads the models the router routes to, the analytics plane (gateway -> Kafka -> logger ->
-ClickHouse) is wired to one broker and one store, and startup waits on health checks.
+ClickHouse, and the drift service the registry asks) is wired to one broker and one store, and
+startup waits on health checks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.kafka import KafkaSettings
 from services.common.settings import REPO_ROOT, TelemetrySettings
+from services.drift.settings import DriftSettings
 from services.gateway.settings import GatewaySettings
 from services.logger.settings import LoggerSettings
 from services.registry.settings import RegistrySettings
@@ -51,6 +53,7 @@ SETTINGS_BY_PREFIX: dict[str, type[BaseSettings]] = {
     "MLMESH_ROUTER_": RouterSettings,
     "MLMESH_LOGGER_": LoggerSettings,
     "MLMESH_REGISTRY_": RegistrySettings,
+    "MLMESH_DRIFT_": DriftSettings,
     "MLMESH_OTEL_": TelemetrySettings,
 }
 PROCESS_VARIABLES = {
@@ -61,7 +64,18 @@ PROCESS_VARIABLES = {
 }
 TRITON_GRPC_PORT = 8001  # tritonserver's default; the image's CMD does not change it
 CLICKHOUSE_HTTP_PORT = 8123  # clickhouse-server's HTTP interface (the image's default)
-SERVICES = ("models", "triton", "postgres", "registry", "router", "gateway", "kafka", "clickhouse", "logger")
+SERVICES = (
+    "models",
+    "triton",
+    "postgres",
+    "registry",
+    "router",
+    "gateway",
+    "kafka",
+    "clickhouse",
+    "logger",
+    "drift",
+)
 
 pytestmark = pytest.mark.integration
 
@@ -292,7 +306,14 @@ def load_settings(
 
 
 @pytest.mark.parametrize(
-    ("name", "settings_cls"), [("router", RouterSettings), ("gateway", GatewaySettings), ("logger", LoggerSettings)]
+    ("name", "settings_cls"),
+    [
+        ("router", RouterSettings),
+        ("gateway", GatewaySettings),
+        ("logger", LoggerSettings),
+        ("drift", DriftSettings),
+        ("registry", RegistrySettings),
+    ],
 )
 def test_service_settings_load_from_the_compose_environment(
     compose: dict[str, Any], name: str, settings_cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
@@ -310,10 +331,18 @@ def test_service_settings_load_from_the_compose_environment(
         assert str(settings.keys_db) == env["MLMESH_GATEWAY_KEYS_DB"]
         assert settings.events.enabled, "the gateway would not emit events"
         assert str(settings.events.spool_dir) == env["MLMESH_GATEWAY_EVENTS__SPOOL_DIR"]
-    else:
+    elif name == "logger":
         assert isinstance(settings, LoggerSettings)
         assert settings.clickhouse_dsn == env["MLMESH_LOGGER_CLICKHOUSE_DSN"]
         assert settings.kafka.bootstrap_servers == env["MLMESH_LOGGER_KAFKA__BOOTSTRAP_SERVERS"]
+    elif name == "drift":
+        assert isinstance(settings, DriftSettings)
+        assert settings.clickhouse_dsn, "`python -m services.drift` exits without a DSN"
+        assert settings.clickhouse_dsn == env["MLMESH_DRIFT_CLICKHOUSE_DSN"]
+        assert settings.kafka.bootstrap_servers == env["MLMESH_DRIFT_KAFKA__BOOTSTRAP_SERVERS"]
+    else:
+        assert isinstance(settings, RegistrySettings)
+        assert settings.analysis_address == env["MLMESH_REGISTRY_ANALYSIS_ADDRESS"]
 
 
 def test_services_find_each_other(compose: dict[str, Any]) -> None:
@@ -470,15 +499,18 @@ def test_llm_weights_reach_triton_through_the_models_volume(compose: dict[str, A
 
 
 def test_startup_waits_on_health_checks(compose: dict[str, Any]) -> None:
-    for name in ("triton", "router", "gateway", "kafka", "clickhouse", "logger"):
+    for name in ("triton", "router", "gateway", "kafka", "clickhouse", "logger", "drift"):
         test = service(compose, name).get("healthcheck", {}).get("test")
         assert test and test != ["NONE"], f"{name} has no health check"
-    order = {name: depends_on(service(compose, name)) for name in ("router", "gateway", "logger")}
+    order = {name: depends_on(service(compose, name)) for name in ("router", "gateway", "logger", "drift")}
     assert order["router"].get("triton") == "service_healthy", f"router starts before Triton is ready: {order}"
     assert order["gateway"].get("router") == "service_healthy", f"gateway starts before the router is ready: {order}"
     assert order["gateway"].get("kafka") == "service_healthy", f"gateway starts before Kafka is ready: {order}"
     assert order["logger"].get("kafka") == "service_healthy", f"logger starts before Kafka is ready: {order}"
     assert order["logger"].get("clickhouse") == "service_healthy", f"logger starts before ClickHouse: {order}"
+    # Drift reads the tables the logger's migrations create, and publishes alerts to Kafka.
+    assert order["drift"].get("logger") == "service_healthy", f"drift starts before the logger migrated: {order}"
+    assert order["drift"].get("kafka") == "service_healthy", f"drift starts before Kafka is ready: {order}"
 
     clickhouse_check = " ".join(service(compose, "clickhouse")["healthcheck"]["test"])
     assert f":{CLICKHOUSE_HTTP_PORT}/ping" in clickhouse_check, clickhouse_check
@@ -491,6 +523,7 @@ def test_startup_waits_on_health_checks(compose: dict[str, Any]) -> None:
         ("router", "MLMESH_ROUTER_PORT"),
         ("gateway", "MLMESH_GATEWAY_PORT"),
         ("logger", "MLMESH_LOGGER_PORT"),
+        ("drift", "MLMESH_DRIFT_PORT"),
     ):
         check = " ".join(service(compose, name)["healthcheck"]["test"])
         assert "grpc_health" in check and "HealthStub" in check, f"{name}: use the gRPC health service"
@@ -537,3 +570,32 @@ def test_registry_keeps_state_in_postgres_and_routers_follow_it(
     assert "registry" in service(compose, "router").get("depends_on", {})
     assert "postgres" in service(compose, "registry").get("depends_on", {})
     assert environment(postgres)["POSTGRES_DB"] in registry.database_url
+
+
+def test_registry_asks_the_drift_service_which_shares_the_loggers_store_and_broker(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drift_svc = service(compose, "drift")
+    assert command(drift_svc) == ["python", "-m", "services.drift"]
+    drift = load_settings(compose, "drift", DriftSettings, monkeypatch)
+    logger = load_settings(compose, "logger", LoggerSettings, monkeypatch)
+    registry = load_settings(compose, "registry", RegistrySettings, monkeypatch)
+    assert isinstance(drift, DriftSettings) and isinstance(logger, LoggerSettings)
+    assert isinstance(registry, RegistrySettings)
+
+    # The registry dials the drift service where it listens, inside the network.
+    assert drift.host == "0.0.0.0", "the drift service must accept the registry container"
+    assert registry.analysis_address, "without it canary steps are not judged on the logged events"
+    assert host_port(registry.analysis_address) == ("drift", drift.port)
+    assert str(drift.port) in [str(port) for port in drift_svc.get("expose") or []]
+    assert depends_on(service(compose, "registry")).get("drift") == "service_healthy"
+
+    # One store: drift reads the tables the logger writes, on the same server and database.
+    assert drift.clickhouse_dsn == logger.clickhouse_dsn
+    assert urlparse(drift.clickhouse_dsn).scheme == "http", "embedded chdb cannot be shared between containers"
+
+    # One broker, same topic names: the logger stores the alerts drift publishes.
+    assert drift.kafka.bootstrap_servers == logger.kafka.bootstrap_servers
+    assert drift.kafka.alerts_topic == logger.kafka.alerts_topic
+    assert drift.kafka.topics == logger.kafka.topics
+    assert logger.consume_alerts, "the logger would not store drift's alerts"

@@ -28,6 +28,7 @@ from services.common.tansu import TansuBroker
 from services.drift.app import DriftApp, start_drift
 from services.drift.service import DriftService
 from services.drift.settings import DriftSettings, ScheduledCheck
+from services.drift.statistics import beta_binomial_ab, thompson_weights
 from services.drift.statistics.pushdown import ks_from_grid, profile_on_grid, wasserstein_from_grid
 from services.logger.app import LoggerApp, start_logger
 from services.logger.settings import LoggerSettings
@@ -446,6 +447,31 @@ async def test_experiment_with_a_known_effect(env: Env) -> None:
     assert not sequential["error_rate"].HasField("p_value")
     assert sequential["error_rate"].always_valid_p_value < 0.05
     assert sequential["label_rate[1]"].decision == "continue"
+
+    # The Bayesian view of each proportion and the Thompson weights of the feedback rate, from the
+    # same totals the frequentist results report.
+    request.analysis_unit, request.sequential, request.bandit_floor = "prediction", False, 0.05
+    reply = await env.stub.AnalyzeExperiment(request)
+    by_prediction = {r.metric: r for r in reply.results}
+    for name in ("error_rate", "label_rate[1]"):
+        r = by_prediction[name]
+        counts = [round(r.control_value * r.n_control), r.n_control, round(r.treatment_value * r.n_treatment),
+                  r.n_treatment]
+        expected = beta_binomial_ab(*counts)
+        assert r.prob_treatment_better == pytest.approx(expected.prob_treatment_better, abs=1e-9)
+        assert r.expected_loss_treatment == pytest.approx(expected.expected_loss_treatment, abs=1e-9)
+    assert by_prediction["error_rate"].prob_treatment_better > 0.999  # 3 % vs 2 % errors
+    assert not by_prediction["mean_latency_ms"].HasField("prob_treatment_better")
+    [bandit] = reply.bandit  # feedback rates only: error_rate is not a reward
+    labels = by_prediction["label_rate[1]"]
+    assert bandit.metric == "label_rate[1]"
+    assert dict(bandit.trials) == {"control": labels.n_control, "treatment": labels.n_treatment}
+    expected = thompson_weights(
+        [bandit.successes["control"], bandit.successes["treatment"]], [labels.n_control, labels.n_treatment],
+        floor=0.05, draws=20_000,
+    )
+    assert [bandit.weights["control"], bandit.weights["treatment"]] == pytest.approx(expected.weights)
+    assert sum(bandit.weights.values()) == pytest.approx(1.0)
 
 
 async def test_srm_detected_on_a_508_492_split(env: Env) -> None:
