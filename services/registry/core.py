@@ -94,10 +94,14 @@ class Registry:
         reloaded = []
         for record in await self.list_versions():
             if record.triton_model and record.stage in (stages.PRODUCTION, stages.CANARY):
-                if not await self.deployer.is_ready(record.triton_model):
+                loaded = await self.deployer.loaded_artifact(record.triton_model)
+                if loaded != record.artifact_sha256:
+                    if loaded is not None:
+                        log.warning("%s in Triton was loaded from other content (%s); loading v%d's artifact",
+                                    record.triton_model, loaded or "unstamped", record.version)
                     files = await asyncio.to_thread(self.artifacts.read, record.artifact_sha256)
                     try:
-                        await self.deployer.load(record.triton_model, files)
+                        await self.deployer.load(record.triton_model, files, record.artifact_sha256)
                         reloaded.append(record.triton_model)
                     except DeploymentError as exc:
                         log.warning("could not reload %s: %s", record.triton_model, exc.message)
@@ -246,10 +250,11 @@ class Registry:
     async def ensure_loaded(self, record: VersionRecord, progress: Progress) -> str:
         """Loads and warms the version in Triton (if it is not already); returns its Triton name."""
         name = record.triton_model or triton_name(record.model, record.version)
-        if not await self.deployer.is_ready(name):
+        # Ready under that name is not enough: it must hold this version's artifact.
+        if await self.deployer.loaded_artifact(name) != record.artifact_sha256:
             progress("loading", f"pushing {record.artifact_files} files ({record.artifact_bytes} bytes) as {name}")
             files = await asyncio.to_thread(self.artifacts.read, record.artifact_sha256)
-            await self.deployer.load(name, files)
+            await self.deployer.load(name, files, record.artifact_sha256)
         progress("warming", f"{self.deployer.warmup_requests} warm-up requests to {name}")
         try:
             await self.deployer.warm_up(name, record.kind)

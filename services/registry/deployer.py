@@ -32,6 +32,11 @@ class DeploymentError(errors.FailedPrecondition):
     """A version could not be loaded or warmed up; what serves stays as it was."""
 
 
+# Stamped into the config of every version the registry loads, so that a model of the same name
+# loaded from other content (another registry on this Triton, a wiped database) is recognised.
+ARTIFACT_PARAMETER = "mlmesh_artifact_sha256"
+
+
 def triton_name(model: str, version: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', model)}_v{version}"
 
@@ -67,8 +72,9 @@ class TritonDeployer:
         await self._control.close()
         await self._backend.close()
 
-    async def load(self, name: str, files: Mapping[str, bytes]) -> None:
+    async def load(self, name: str, files: Mapping[str, bytes], artifact_sha256: str) -> None:
         config = model_config(files, name)
+        config.parameters[ARTIFACT_PARAMETER].string_value = artifact_sha256
         payload = {f"file:{path}": data for path, data in files.items() if path != "config.pbtxt"}
         config_json = json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))
         try:
@@ -77,6 +83,17 @@ class TritonDeployer:
             raise DeploymentError(f"Triton could not load {name}: {exc.message()}") from exc
         if not await self.is_ready(name):
             raise DeploymentError(f"Triton loaded {name} but it is not ready")
+
+    async def loaded_artifact(self, name: str) -> str | None:
+        """The artifact digest the ready model `name` was loaded from ("" if not stamped); None if not ready."""
+        if not await self.is_ready(name):
+            return None
+        try:
+            reply = await self._control.get_model_config(name, client_timeout=5.0)
+        except InferenceServerException:
+            return None
+        parameter = reply.config.parameters.get(ARTIFACT_PARAMETER)
+        return parameter.string_value if parameter is not None else ""
 
     async def is_ready(self, name: str) -> bool:
         try:

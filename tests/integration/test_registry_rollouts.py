@@ -26,7 +26,7 @@ from services.gateway.keys import KeyStore
 from services.registry.app import RegistryApp, start_registry
 from services.registry.artifacts import read_directory
 from services.registry.bootstrap import with_parameters
-from services.registry.deployer import DeploymentError
+from services.registry.deployer import DeploymentError, triton_name
 from services.registry.settings import RegistrySettings, RolloutDefaults
 from tests.integration._mesh import MeshProcess
 from tests.integration.mesh_fixtures import GENEROUS_LIMITS
@@ -155,6 +155,24 @@ async def test_swap_under_load_has_zero_failed_requests(registry_app: RegistryAp
     old = await registry_app.registry.resolve(MODEL, str(before))
     assert old.stage == "archived"
     assert not await registry_app.registry.deployer.is_ready(old.triton_model)
+
+
+async def test_a_stale_model_under_the_versions_triton_name_is_replaced(registry_app: RegistryApp, mesh):
+    """Another registry on this Triton (or a wiped database) left a different, broken model under
+    the name the next version will get: the registry loads its own artifact instead of trusting it."""
+    process, api_key = mesh
+    next_version = max(r.version for r in await registry_app.registry.list_versions(MODEL)) + 1
+    name = triton_name(MODEL, next_version)
+    deployer = registry_app.registry.deployer
+    await deployer.load(name, tabular_files(fault_error_rate="1.0"), "another-registrys-artifact")
+    record = await registry_app.registry.register("test", MODEL, "", tabular_files(), "healthy retrain")
+    assert record.version == next_version
+    await registry_app.registry.transition("test", MODEL, str(record.version), "staging", "")
+    async with Traffic(process.gateway, api_key, concurrency=2).running() as traffic:
+        await registry_app.registry.transition("test", MODEL, str(record.version), "production", "swap")
+        await asyncio.sleep(0.5)
+    assert traffic.failures == [] and traffic.served[str(record.version)] > 0, traffic.served
+    assert await deployer.loaded_artifact(name) == record.artifact_sha256
 
 
 async def test_version_that_fails_to_load_leaves_production_serving(registry_app: RegistryApp, mesh):
