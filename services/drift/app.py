@@ -80,7 +80,7 @@ async def start_drift(
         await asyncio.to_thread(service.ensure_schema)
         app.scheduler.start()
         if serve:
-            app.server = await start_server("drift", [servicer.registration(service)], settings)
+            app.server = await start_server("drift", [servicer.registration(service, app.scheduler)], settings)
     except BaseException:
         await app.stop()
         raise

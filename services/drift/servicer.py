@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.common import errors
 from services.common.api import drift_pb2, drift_pb2_grpc
 from services.common.server import ServiceRegistration
+from services.drift.alerts import DriftScheduler
 from services.drift.service import DriftService, MetricSpec, ProfileCreated, resolve_window
 
 
@@ -54,8 +55,34 @@ def _created(created: ProfileCreated) -> drift_pb2.CreateReferenceProfileRespons
 
 
 class DriftServicer(drift_pb2_grpc.DriftServicer):
-    def __init__(self, service: DriftService) -> None:
+    def __init__(self, service: DriftService, scheduler: DriftScheduler | None = None) -> None:
         self.service = service
+        self.scheduler = scheduler
+
+    async def Stats(
+        self, request: drift_pb2.DriftStatsRequest, context: grpc.aio.ServicerContext
+    ) -> drift_pb2.DriftStatsResponse:
+        if self.scheduler is None:
+            return drift_pb2.DriftStatsResponse()
+        stats = self.scheduler.stats
+        return drift_pb2.DriftStatsResponse(
+            ticks=stats.ticks,
+            checks_run=stats.checks_run,
+            alerts_published=stats.alerts_published,
+            failures=stats.failures,
+            last_error=stats.last_error,
+            interval_s=self.scheduler.settings.schedule_interval_s,
+            models=[
+                drift_pb2.ModelDriftStatus(
+                    model=model,
+                    status=report.status,
+                    rows=report.rows,
+                    window_end=_ts(report.window_end),
+                    drifted_features=[f.feature for f in report.features if f.status != "ok"],
+                )
+                for model, report in sorted(stats.last_reports.items())
+            ],
+        )
 
     async def ComputeDrift(
         self, request: drift_pb2.ComputeDriftRequest, context: grpc.aio.ServicerContext
@@ -234,8 +261,8 @@ class DriftServicer(drift_pb2_grpc.DriftServicer):
         )
 
 
-def registration(service: DriftService) -> ServiceRegistration:
-    servicer = DriftServicer(service)
+def registration(service: DriftService, scheduler: DriftScheduler | None = None) -> ServiceRegistration:
+    servicer = DriftServicer(service, scheduler)
     return ServiceRegistration(
         "mlmesh.v1.Drift", lambda server: drift_pb2_grpc.add_DriftServicer_to_server(servicer, server)
     )

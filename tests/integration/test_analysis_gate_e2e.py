@@ -6,7 +6,6 @@ promotes early on a significant win in user feedback, and runs a Thompson-sampli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import random
@@ -20,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.api import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.api import gateway_pb2, gateway_pb2_grpc
 from services.common.kafka import KafkaSettings, ensure_topics
 from services.common.net import free_port
 from services.common.settings import REPO_ROOT
@@ -140,49 +138,23 @@ async def test_degraded_canary_is_rolled_back_on_the_clickhouse_verdict(stack) -
 
 
 @dataclass
-class UsersWithFeedback:
-    """Users who call Predict and then report whether the answer helped (label "1" or "0"): the
-    candidate helps more often, as a better model would. The chance depends on the variant."""
+class UsersWithFeedback(Traffic):
+    """Users who report whether each answer helped (label "1" or "0"). The chance depends on the
+    variant that answered: the candidate helps more often, as a better model would."""
 
-    address: str
-    api_key: str
-    helped: dict[str, float]
-    concurrency: int = 6
+    helped: dict[str, float] = field(default_factory=dict)
     feedback: Counter = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def _user(self, stub: gateway_pb2_grpc.GatewayStub, rng: random.Random) -> None:
-        features = np.zeros((1, 30), dtype="<f4")
-        request = gateway_pb2.PredictRequest(
-            model=MODEL,
-            inputs=[common_pb2.Tensor(name="features", dtype="FP32", shape=[1, 30], raw_data=features.tobytes())],
+    async def react(
+        self, stub: gateway_pb2_grpc.GatewayStub, reply: gateway_pb2.PredictResponse, metadata: list[tuple[str, str]],
+        rng: random.Random,
+    ) -> None:
+        variant = reply.served_by.variant or "stable"
+        label = "1" if rng.random() < self.helped[variant] else "0"
+        await stub.Feedback(
+            gateway_pb2.FeedbackRequest(prediction_id=reply.prediction_id, label=label), metadata=metadata, timeout=10
         )
-        metadata = [("authorization", f"Bearer {self.api_key}")]
-        while not self._stop.is_set():
-            request.unit_id = f"user-{rng.randrange(1_000_000)}"
-            try:
-                reply = await stub.Predict(request, metadata=metadata, timeout=10)
-                variant = reply.served_by.variant or "stable"
-                label = "1" if rng.random() < self.helped[variant] else "0"
-                await stub.Feedback(
-                    gateway_pb2.FeedbackRequest(prediction_id=reply.prediction_id, label=label),
-                    metadata=metadata, timeout=10,
-                )
-                self.feedback[(variant, label)] += 1
-            except grpc.aio.AioRpcError as exc:
-                self.failures.append(f"{exc.code().name}: {exc.details()}")
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[UsersWithFeedback]:
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            tasks = [asyncio.create_task(self._user(stub, random.Random(i))) for i in range(self.concurrency)]
-            try:
-                yield self
-            finally:
-                self._stop.set()
-                await asyncio.gather(*tasks)
+        self.feedback[(variant, label)] += 1
 
 
 async def _until_ended(registry: RegistryApp, rollout_id: str, timeout_s: float = 90.0) -> None:
@@ -196,7 +168,7 @@ async def test_a_significant_win_on_the_primary_metric_promotes_early(stack) -> 
     registry, mesh, api_key = stack
     better = await registry.registry.register("test", MODEL, "", tabular_files(), "helps more users")
     await registry.registry.transition("test", MODEL, str(better.version), "staging", "")
-    async with UsersWithFeedback(mesh.gateway, api_key, {"canary": 0.8, "stable": 0.3}).running() as users:
+    async with UsersWithFeedback(mesh.gateway, api_key, 6, helped={"canary": 0.8, "stable": 0.3}).running() as users:
         state = await registry.rollouts.start(
             "test", MODEL, str(better.version), steps=[0.3, 0.6, 0.9, 1.0], triggers=TRIGGERS_OFF,
             primary_metric={"kind": "label_rate", "value": "1"},
@@ -216,7 +188,7 @@ async def test_bandit_shifts_traffic_to_the_better_arm_and_promotes_it(stack) ->
     registry, mesh, api_key = stack
     better = await registry.registry.register("test", MODEL, "", tabular_files(), "bandit arm")
     await registry.registry.transition("test", MODEL, str(better.version), "staging", "")
-    async with UsersWithFeedback(mesh.gateway, api_key, {"canary": 0.6, "stable": 0.4}).running() as users:
+    async with UsersWithFeedback(mesh.gateway, api_key, 6, helped={"canary": 0.6, "stable": 0.4}).running() as users:
         state = await registry.rollouts.start(
             "test", MODEL, str(better.version), triggers=TRIGGERS_OFF, allocation="bandit", min_requests=300,
             primary_metric={"kind": "label_rate", "value": "1"}, max_rounds=8, decision_probability=0.99,

@@ -221,6 +221,11 @@ async def test_controlled_drift_alerts_and_steady_traffic_does_not(env: Env) -> 
     assert published == 1
     assert env.drift.scheduler.stats.failures == 0
     assert env.drift.scheduler.stats.last_reports["steady"].status == "ok"
+    stats = await env.stub.Stats(drift_pb2.DriftStatsRequest())
+    assert (stats.checks_run, stats.alerts_published, stats.failures) == (2, 1, 0)
+    by_model = {m.model: m for m in stats.models}
+    assert by_model["drifting"].status == "alert" and list(by_model["drifting"].drifted_features) == ["input[0]"]
+    assert by_model["steady"].status == "ok" and by_model["steady"].rows == 20_000
 
     def stored() -> list[tuple]:
         return env.client.query(

@@ -52,7 +52,13 @@ class Traffic:
     failures: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def _client(self, stub: gateway_pb2_grpc.GatewayStub) -> None:
+    async def react(
+        self, stub: gateway_pb2_grpc.GatewayStub, reply: gateway_pb2.PredictResponse, metadata: list[tuple[str, str]],
+        rng: random.Random,
+    ) -> None:
+        """What a user does with an answer; subclasses send feedback."""
+
+    async def _client(self, stub: gateway_pb2_grpc.GatewayStub, rng: random.Random) -> None:
         features = np.zeros((1, 30), dtype="<f4")
         request = gateway_pb2.PredictRequest(
             model=MODEL,
@@ -60,11 +66,12 @@ class Traffic:
         )
         metadata = [("authorization", f"Bearer {self.api_key}")]
         while not self._stop.is_set():
-            request.unit_id = f"user-{random.randrange(1_000_000)}"
+            request.unit_id = f"user-{rng.randrange(1_000_000)}"
             try:
                 response = await stub.Predict(request, metadata=metadata, timeout=10)
                 self.served[response.served_by.model_version] += 1
                 self.variants[response.served_by.variant] += 1
+                await self.react(stub, response, metadata, rng)
             except grpc.aio.AioRpcError as exc:
                 self.failures.append(f"{exc.code().name}: {exc.details()}")
 
@@ -72,7 +79,7 @@ class Traffic:
     async def running(self) -> AsyncIterator[Traffic]:
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            tasks = [asyncio.create_task(self._client(stub)) for _ in range(self.concurrency)]
+            tasks = [asyncio.create_task(self._client(stub, random.Random(i))) for i in range(self.concurrency)]
             try:
                 yield self
             finally:
