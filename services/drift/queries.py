@@ -3,9 +3,10 @@
 Feature values come out of the logger's `predictions` table (services/logger/migrations/001).
 An input or output value is addressed by position: a model's rows nearly always share one tensor
 layout, so the layout of one row is read first and the values are taken at constant positions
-(`input_values[4]` for "input[3]"), while the same pass counts the rows whose layout differs; if
-there are any, the pass is repeated locating each row's tensor by name (offset = sizes of the
-tensors before it). Both are cheaper than an ARRAY JOIN of every value.
+(`input_values[4]` for "input[3]"), while the same pass counts the rows whose layout differs (by
+the layout hash the table materializes, migration 005); if there are any, the pass is repeated
+locating each row's tensor by name (offset = sizes of the tensors before it). Both are cheaper
+than an ARRAY JOIN of every value.
 
 Numeric drift of a window is ONE pass over the rows. Per feature, the cell of each value on an
 equal-width grid over the reference's range, `floor((x - lo) * inv) + 1` clamped to the two tail
@@ -171,6 +172,8 @@ class Layout:
 
     inputs: tuple[tuple[str, int], ...]
     outputs: tuple[tuple[str, int], ...]
+    # The table has the layout-hash columns (migration 005): check() compares them.
+    hashed: bool = False
 
     def position(self, source: str, name: str) -> int | None:
         """1-based position of the value "tensor[k]" (or one-value "tensor") in the flattened values."""
@@ -185,14 +188,22 @@ class Layout:
         return None
 
     def check(self, params: _Params, sources: set[str]) -> str:
-        """SQL true for rows with exactly this layout (for the sources used)."""
+        """SQL true for rows with exactly this layout (for the sources used).
+
+        When hashed, compares the row's layout hash, a UInt64 the table materializes from its
+        tensor names and sizes (migration 005), with the same function of this layout's names and
+        sizes cast to the same types (constant-folded): one integer per row instead of two arrays
+        (about 0.03 s instead of 0.25 s per 10M rows on 2 cores). Otherwise compares the arrays.
+        """
         conds = []
         for source in sorted(sources & {"input", "output"}):
             tensors = self.inputs if source == "input" else self.outputs
-            names = ", ".join(params.add(n) for n, _ in tensors)
-            sizes = ", ".join(str(int(s)) for _, s in tensors)
-            conds.append(f"{source}_tensors = [{names}]::Array(LowCardinality(String))")
-            conds.append(f"{source}_sizes = [{sizes}]::Array(UInt32)")
+            names = f"[{', '.join(params.add(n) for n, _ in tensors)}]::Array(LowCardinality(String))"
+            sizes = f"[{', '.join(str(int(s)) for _, s in tensors)}]::Array(UInt32)"
+            if self.hashed:
+                conds.append(f"{source}_layout = cityHash64({names}, {sizes})")
+            else:
+                conds.append(f"{source}_tensors = {names} AND {source}_sizes = {sizes}")
         return " AND ".join(conds) or "1"
 
 
@@ -223,19 +234,26 @@ def value_expressions(
 
 
 def guess_layout(client: Client, scope: Scope, *, timeout_s: float) -> Layout | None:
-    """The layout of one row of the scope (reads one granule), None when the scope is empty."""
+    """The layout of one row of the scope (reads one granule), None when the scope is empty; and
+    whether the table has the layout-hash columns (a store not yet migrated to 005 has not)."""
     where, params = scope.where()
+    hashed = (
+        "(SELECT count() = 2 FROM system.columns WHERE database = currentDatabase() AND table = 'predictions' "
+        "AND name IN ('input_layout', 'output_layout'))"
+    )
     rows = client.query(
-        f"SELECT input_tensors, input_sizes, output_tensors, output_sizes FROM {scope.table()} WHERE {where} LIMIT 1",
+        f"SELECT input_tensors, input_sizes, output_tensors, output_sizes, {hashed} "
+        f"FROM {scope.table()} WHERE {where} LIMIT 1",
         parameters=params,
         settings=_settings(timeout_s),
     ).result_rows
     if not rows:
         return None
-    it, isz, ot, osz = rows[0]
+    it, isz, ot, osz, has_hash = rows[0]
     return Layout(
         tuple((str(n), int(s)) for n, s in zip(it, isz, strict=False)),
         tuple((str(n), int(s)) for n, s in zip(ot, osz, strict=False)),
+        hashed=bool(has_hash),
     )
 
 
