@@ -21,9 +21,10 @@ Timed, side by side in the same run:
    query_np, the same client) and computing the same statistics with the core's raw-sample
    functions (numpy bincount for PSI/JS, scipy ks_2samp and wasserstein_distance);
 2. the experiment (error rate, mean latency, p95 latency, SRM; users as the unit):
-   DriftService.analyze_experiment vs pulling (variant, user, error, latency) of the 10M rows into
-   pandas (query_df), groupby per user, and the same estimators (core's ratio_welch,
-   quantile_difference on numpy quantiles, sample_ratio_mismatch).
+   DriftService.analyze_experiment with expected weights 1:1 (as the rollout gate gives them, so
+   the variant list comes from the weights and the sums pass checks it) vs pulling (variant, user,
+   error, latency) of the 10M rows into pandas (query_df), groupby per user, and the same
+   estimators (core's ratio_welch, quantile_difference on numpy quantiles, sample_ratio_mismatch).
 Floors: each chdb analysis under 2 s. Prints a table; writes bench/results/drift-<timestamp>.json.
 """
 

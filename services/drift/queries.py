@@ -18,7 +18,9 @@ edges are off the grid gets its bins counted too, with a sum of comparisons `(x 
 Windows larger than `drift_sample_rows` can be read as a uniform sample: prediction ids below a
 bound, a primary-key range (the table is ordered by prediction_id, ids are random hex).
 
-Experiments: the variants first (a cheap pass), then per-unit sums in one GROUP BY on a single
+Experiments: the variants (from the expected weights when given, else a pass over the window;
+the sums pass counts the predictions of variants not listed, and a non-zero count makes the caller
+list the variants with that pass and run again), then per-unit sums in one GROUP BY on a single
 UInt64 key (unit hash and variant index), then per-variant sums, sums of squares and cross
 products (delta method); quantiles with exact `quantilesExact` at three levels per arm.
 
@@ -496,8 +498,12 @@ def variant_sums(
     by_unit: bool,
     timeout_s: float,
     extra_params: dict[str, Any] | None = None,
-) -> list[VariantSums]:
+) -> tuple[list[VariantSums], int]:
     """Per variant: units, predictions and, per metric, the sums the delta method needs.
+
+    Also returns the predictions in the scope whose variant is NOT in `variants` (their units are
+    left out of the sums): a caller that guessed the variant list (from the expected weights,
+    without a pass over the window) must find 0 here, or list the variants and run again.
 
     by_unit: GROUP BY the unit (unit_id, or the prediction id when a prediction has none) first,
     so x and y are per-unit sums; otherwise every prediction is its own unit. The unit key is one
@@ -544,19 +550,23 @@ def variant_sums(
         x = xs[i]
         aggs.append(f"sum({x}), sum(y{i}), sum({x} * {x}), sum(y{i} * y{i}), sum({x} * y{i})")
     rows = client.query(
-        f"SELECT {', '.join(aggs)} FROM {source} WHERE v > 0 GROUP BY v ORDER BY v",
+        f"SELECT {', '.join(aggs)} FROM {source} GROUP BY v ORDER BY v",
         parameters=params,
         settings=_settings(timeout_s),
     ).result_rows
     out = []
+    unlisted = 0
     for row in rows:
+        if int(row[0]) == 0:  # variants not in the list, all under index 0
+            unlisted = int(row[2])
+            continue
         variant, units, predictions = variants[int(row[0]) - 1], int(row[1]), int(row[2])
         sums = {}
         for i, m in enumerate(metrics):
             sx, sy, sxx, syy, sxy = (float(x) for x in row[3 + 5 * i : 8 + 5 * i])
             sums[m.name] = RatioMoments(units, sx, sy, sxx, syy, sxy)
         out.append(VariantSums(variant, units, predictions, sums))
-    return out
+    return out, unlisted
 
 
 def variant_quantiles(

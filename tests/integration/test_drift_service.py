@@ -508,6 +508,15 @@ async def test_srm_detected_on_a_508_492_split(env: Env) -> None:
     )
     assert not fine.srm.mismatch and fine.srm.p_value == pytest.approx(1.0)
     assert {v.variant: v.units for v in fine.variants} == {"control": 50_000, "treatment": 50_000}
+    # A variant the planned split leaves out is still counted, never silently dropped: its units
+    # make the split mismatch and it gets its own results.
+    partial = await env.stub.AnalyzeExperiment(
+        drift_pb2.AnalyzeExperimentRequest(model="splitter", experiment="srm-fine", expected_weights={"control": 1})
+    )
+    assert {v.variant: v.units for v in partial.variants} == {"control": 50_000, "treatment": 50_000}
+    assert {v.variant: v.expected_fraction for v in partial.variants} == {"control": 1.0, "treatment": 0.0}
+    assert partial.srm.mismatch
+    assert {r.treatment_variant for r in partial.results} == {"treatment"}
 
 
 async def test_sample_size(env: Env) -> None:
