@@ -52,8 +52,16 @@ NUMERIC_COLUMNS: dict[str, str] = {
     "prompt_chars": "toFloat64(lengthUTF8(prompt))",
     "completion_chars": "toFloat64(lengthUTF8(completion))",
 }
+# An LLM answer that declines: how it opens. RE2, case-insensitive; "." stands for the apostrophe
+# (straight or curly) so the pattern needs no quoting inside SQL.
+REFUSAL_PATTERN = (
+    "(?i)^[[:space:]]*(i.?m sorry|i am sorry|sorry, (but )?i|i apologi[sz]e|i can.?t|i cannot|i can not|"
+    "i won.?t|i will not|i.?m (not able|unable)|i am (not able|unable)|as an ai)"
+)
 CATEGORICAL_COLUMNS: dict[str, str] = {
     "finish_reason": "toString(finish_reason)",
+    # The refusal rate's drift is the chi-square of this two-category column.
+    "refusal": f"if(completion = '', 'none', if(match(completion, '{REFUSAL_PATTERN}'), 'refused', 'answered'))",
     "status_code": "toString(status_code)",
     "model_version": "toString(model_version)",
 }

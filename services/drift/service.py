@@ -46,6 +46,7 @@ from services.drift.statistics import (
     sample_size_means,
     sample_size_two_proportions,
     thompson_weights,
+    two_proportion_drift,
     two_proportion_ztest,
     worst_status,
 )
@@ -669,6 +670,41 @@ class DriftService:
                     "expected_under_no_drift": cpsi.expected_under_no_drift,
                 },
             ),
+            *self._refusal_rate_check(feature, prof, counts, common),
+        ]
+
+    def _refusal_rate_check(
+        self, feature: Feature, prof: CategoricalProfile, counts: dict[str, int], common: dict[str, float]
+    ) -> list[DriftCheck]:
+        """Refusals are rare, so their rate gets a two-proportion test whose status follows the
+        p-value alone: 2 % -> 6 % barely moves a chi-square effect size, yet it matters."""
+        if feature.source != "column" or feature.name != "refusal":
+            return []
+        ref_total = prof.n - prof.counts.get("none", 0)
+        cur_total = sum(counts.values()) - counts.get("none", 0)
+        if ref_total == 0 or cur_total == 0:
+            return []
+        rate = two_proportion_drift(
+            prof.counts.get("refused", 0), ref_total, counts.get("refused", 0), cur_total, thresholds=self.thresholds
+        )
+        return [
+            DriftCheck(
+                feature.name,
+                feature.source,
+                "refusal_rate",
+                rate.difference,
+                rate.p_value,
+                rate.status,
+                {
+                    **common,
+                    "reference_rate": rate.reference_rate,
+                    "current_rate": rate.current_rate,
+                    "ci_low": rate.ci_low,
+                    "ci_high": rate.ci_high,
+                    "alpha_warn": self.thresholds.alpha_warn,
+                    "alpha_alert": self.thresholds.alpha_alert,
+                },
+            )
         ]
 
     # ---- experiments --------------------------------------------------------------------------

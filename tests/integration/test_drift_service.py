@@ -26,6 +26,7 @@ from services.common.kafka import KafkaSettings, make_consumer
 from services.common.net import free_port
 from services.common.tansu import TansuBroker
 from services.drift.app import DriftApp, start_drift
+from services.drift.queries import REFUSAL_PATTERN
 from services.drift.service import DriftService
 from services.drift.settings import DriftSettings, ScheduledCheck
 from services.drift.statistics import beta_binomial_ab, thompson_weights
@@ -68,6 +69,7 @@ def insert_predictions(
     error_rate: str = "0.02",
     latency: str = "10",
     id_prefix: str = "",
+    completion: str = "''",
 ) -> None:
     """n predictions of `model` with three input values (tensor `input`), one per 10 ms from start."""
     values = ", ".join(normal(f"{seed}-{k}", shifts[k]) for k in range(3))
@@ -75,14 +77,14 @@ def insert_predictions(
         f"""
         INSERT INTO predictions (prediction_id, request_id, tenant, unit_id, rpc, model, model_version, experiment,
             variant, shadow, started_at, latency_ms, status_code, finish_reason, input_tensors, input_sizes,
-            input_values, output_tensors, output_sizes, output_values, schema_version)
+            input_values, output_tensors, output_sizes, output_values, schema_version, completion)
         SELECT {prediction_id(id_prefix or seed)}, '', 'acme', {unit}, 'Predict', '{model}', '1',
             '{experiment}', {variant} AS v, false,
             toDateTime64('{start:%Y-%m-%d %H:%M:%S}', 3, 'UTC') + toIntervalMillisecond(number * 10),
             {latency} - 5 * ln({uniform(seed + "-lat")}),
             if({uniform(seed + "-err")} < {error_rate}, 'INTERNAL', 'OK'),
             if({uniform(seed + "-fin")} < 0.9, 'stop', 'length'),
-            ['input'], [3], [{values}], ['probabilities'], [2], [0.25, 0.75], 1
+            ['input'], [3], [{values}], ['probabilities'], [2], [0.25, 0.75], 1, {completion}
         FROM numbers({n})
         """
     )
@@ -517,6 +519,49 @@ async def test_srm_detected_on_a_508_492_split(env: Env) -> None:
     assert {v.variant: v.expected_fraction for v in partial.variants} == {"control": 1.0, "treatment": 0.0}
     assert partial.srm.mismatch
     assert {r.treatment_variant for r in partial.results} == {"treatment"}
+
+
+def refusals(seed: str, rate: float) -> str:
+    """A completion per row: a refusal (worded several ways) with probability `rate`, else an answer."""
+    return (
+        f"if({uniform(seed)} < {rate}, arrayElement(['I\\'m sorry, but I can\\'t help with that.', "
+        "'I cannot share that.', 'As an AI, I won\u2019t do this.', '  i am unable to comply'], 1 + number % 4), "
+        "'The capital of France is Paris.')"
+    )
+
+
+async def test_llm_refusal_rate_drift(env: Env) -> None:
+    """The refusal column classifies completions in SQL; a jump from 2 % to 6 % refusals alerts."""
+    await asyncio.to_thread(
+        insert_predictions, env.client, model="chat", n=20_000, start=T0, seed="chat-ref",
+        completion=refusals("chat-ref-r", 0.02),
+    )
+    hour = T0 + timedelta(hours=1)
+    await asyncio.to_thread(
+        insert_predictions, env.client, model="chat", n=20_000, start=hour, seed="chat-cur",
+        completion=refusals("chat-cur-r", 0.06),
+    )
+    await env.stub.CreateReferenceProfile(
+        drift_pb2.CreateReferenceProfileRequest(
+            model="chat", window=window(T0), features=drift_pb2.FeatureSelection(columns=["refusal", "finish_reason"])
+        )
+    )
+    reply = await env.stub.ComputeDrift(drift_pb2.ComputeDriftRequest(model="chat", window=window(hour)))
+    status = {f.feature: f.status for f in reply.features}
+    assert status == {"refusal": "alert", "finish_reason": "ok"}, status
+    rate = next(r for r in reply.results if r.method == "refusal_rate")
+    assert 0.035 < rate.statistic < 0.045 and rate.p_value < 1e-12  # 2 % -> 6 %
+    assert rate.status == "alert"
+    classified = await asyncio.to_thread(
+        lambda: env.client.query(
+            "SELECT if(match(completion, {pattern:String}), 'refused', 'answered') AS c, count() FROM predictions "
+            "WHERE model = 'chat' AND started_at < {hour:DateTime64(3)} GROUP BY c ORDER BY c",
+            parameters={"pattern": REFUSAL_PATTERN, "hour": hour},
+        ).result_rows
+    )
+    counts = dict(classified)
+    assert counts["refused"] + counts["answered"] == 20_000
+    assert 0.015 < counts["refused"] / 20_000 < 0.025  # every wording of a refusal is caught
 
 
 async def test_sample_size(env: Env) -> None:
