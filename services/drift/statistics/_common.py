@@ -57,6 +57,37 @@ def decide(p_value: float, alpha: float, estimate: float, null_value: float = 0.
     return "no_significant_difference"
 
 
+def difference_result(
+    metric: str,
+    method: str,
+    control_value: float,
+    treatment_value: float,
+    ci: tuple[float, float],
+    p_value: float,
+    alpha: float,
+    n_control: int,
+    n_treatment: int,
+    **extra: Any,
+) -> MetricResult:
+    """A fixed-horizon result whose estimate is ``treatment - control``, decided at ``alpha``."""
+    diff = treatment_value - control_value
+    return MetricResult(
+        metric=metric,
+        method=method,
+        control_value=control_value,
+        treatment_value=treatment_value,
+        estimate=diff,
+        ci_low=float(ci[0]),
+        ci_high=float(ci[1]),
+        p_value=p_value,
+        decision=decide(p_value, alpha, diff),
+        alpha=alpha,
+        n_control=int(n_control),
+        n_treatment=int(n_treatment),
+        **extra,
+    )
+
+
 def ratio_lift_ci(
     mean_t: float, se_t: float, mean_c: float, se_c: float, alpha: float
 ) -> tuple[float | None, float | None, float | None]:

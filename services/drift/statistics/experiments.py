@@ -20,7 +20,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
 
 from . import _validation as v
-from ._common import MetricResult, Seed, decide, ratio_lift_ci, rng_from
+from ._common import MetricResult, Seed, decide, difference_result, ratio_lift_ci, rng_from
 
 # ------------------------------------------------------------------------------- two proportions
 
@@ -59,20 +59,16 @@ def two_proportion_ztest(
         rel, rel_low, rel_high = pt / pc - 1, float(r_low) - 1, float(r_high) - 1
     else:
         rel = rel_low = rel_high = None
-    diff = pt - pc
-    return MetricResult(
-        metric=metric,
-        method="two_proportion_ztest",
-        control_value=pc,
-        treatment_value=pt,
-        estimate=diff,
-        ci_low=float(low),
-        ci_high=float(high),
-        p_value=p_value,
-        decision=decide(p_value, a, diff),
-        alpha=a,
-        n_control=nc,
-        n_treatment=nt,
+    return difference_result(
+        metric,
+        "two_proportion_ztest",
+        pc,
+        pt,
+        (low, high),
+        p_value,
+        a,
+        nc,
+        nt,
         relative_lift=rel,
         relative_ci_low=rel_low,
         relative_ci_high=rel_high,
@@ -124,19 +120,16 @@ def welch_ttest_from_stats(
         half = float(stats.t.ppf(1 - a / 2, df)) * se
         low, high = diff - half, diff + half
     rel, rel_low, rel_high = ratio_lift_ci(mean_treatment, math.sqrt(vt), mean_control, math.sqrt(vc), a)
-    return MetricResult(
-        metric=metric,
-        method="welch_ttest",
-        control_value=float(mean_control),
-        treatment_value=float(mean_treatment),
-        estimate=diff,
-        ci_low=low,
-        ci_high=high,
-        p_value=p_value,
-        decision=decide(p_value, a, diff),
-        alpha=a,
-        n_control=nc,
-        n_treatment=nt,
+    return difference_result(
+        metric,
+        "welch_ttest",
+        float(mean_control),
+        float(mean_treatment),
+        (low, high),
+        p_value,
+        a,
+        nc,
+        nt,
         relative_lift=rel,
         relative_ci_low=rel_low,
         relative_ci_high=rel_high,
@@ -247,21 +240,17 @@ def bootstrap_quantile_difference(
     low, high = (float(x) for x in np.quantile(boot, [a / 2, 1 - a / 2]))
     le, ge = int(np.sum(boot <= 0)), int(np.sum(boot >= 0))
     p_value = min(1.0, 2 * min(le + 1, ge + 1) / (b + 1))
-    diff = qt - qc
-    return MetricResult(
-        metric=metric or f"p{round(q * 100, 4):g}",
-        method="bootstrap_quantile_difference",
-        control_value=qc,
-        treatment_value=qt,
-        estimate=diff,
-        ci_low=low,
-        ci_high=high,
-        p_value=p_value,
-        decision=decide(p_value, a, diff),
-        alpha=a,
-        n_control=c.size,
-        n_treatment=t.size,
-        relative_lift=diff / qc if qc != 0 else None,
+    return difference_result(
+        metric or f"p{round(q * 100, 4):g}",
+        "bootstrap_quantile_difference",
+        qc,
+        qt,
+        (low, high),
+        p_value,
+        a,
+        c.size,
+        t.size,
+        relative_lift=(qt - qc) / qc if qc != 0 else None,
     )
 
 
@@ -395,19 +384,16 @@ def cuped_from_moments(
         half = float(stats.t.ppf(1 - a / 2, df)) * se
         low, high = diff - half, diff + half
     rel, rel_low, rel_high = ratio_lift_ci(mt, math.sqrt(vt), mc, math.sqrt(vc), a)
-    return MetricResult(
-        metric=metric,
-        method="cuped_welch",
-        control_value=mc,
-        treatment_value=mt,
-        estimate=diff,
-        ci_low=low,
-        ci_high=high,
-        p_value=p_value,
-        decision=decide(p_value, a, diff),
-        alpha=a,
-        n_control=control.n,
-        n_treatment=treatment.n,
+    return difference_result(
+        metric,
+        "cuped_welch",
+        mc,
+        mt,
+        (low, high),
+        p_value,
+        a,
+        control.n,
+        treatment.n,
         relative_lift=rel,
         relative_ci_low=rel_low,
         relative_ci_high=rel_high,

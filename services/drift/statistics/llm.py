@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from . import _validation as v
 from .drift import (
@@ -77,16 +77,10 @@ class LLMReferenceProfile:
             raise ValueError(f"data is not an LLM reference profile: {exc!r}") from exc
 
 
-def build_llm_profile(
-    prompt_lengths: ArrayLike,
-    output_tokens: ArrayLike,
-    finish_reasons: Iterable[object],
-    refused: ArrayLike,
-    *,
-    n_bins: int = DEFAULT_N_BINS,
-    max_points: int = DEFAULT_MAX_POINTS,
-) -> LLMReferenceProfile:
-    """Profile a reference window of LLM requests (one entry per request in every argument)."""
+def _records(
+    prompt_lengths: ArrayLike, output_tokens: ArrayLike, finish_reasons: Iterable[object], refused: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64], list[str], NDArray[Any]]:
+    """Checked per-request columns: one entry each, refused as booleans (or 0/1)."""
     prompts = v.sample(prompt_lengths, "prompt_lengths")
     outputs = v.sample(output_tokens, "output_tokens")
     reasons = [str(r) for r in finish_reasons]
@@ -98,6 +92,20 @@ def build_llm_profile(
             "prompt_lengths, output_tokens, finish_reasons and refused must have one entry per request, got sizes "
             f"{prompts.size}, {outputs.size}, {len(reasons)}, {flags.size}"
         )
+    return prompts, outputs, reasons, flags
+
+
+def build_llm_profile(
+    prompt_lengths: ArrayLike,
+    output_tokens: ArrayLike,
+    finish_reasons: Iterable[object],
+    refused: ArrayLike,
+    *,
+    n_bins: int = DEFAULT_N_BINS,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> LLMReferenceProfile:
+    """Profile a reference window of LLM requests (one entry per request in every argument)."""
+    prompts, outputs, reasons, flags = _records(prompt_lengths, output_tokens, finish_reasons, refused)
     return LLMReferenceProfile(
         prompt_length=build_numeric_profile(prompts, n_bins=n_bins, max_points=max_points),
         output_tokens=build_numeric_profile(outputs, n_bins=n_bins, max_points=max_points),
@@ -134,17 +142,7 @@ class LLMTrafficWindow:
         keep_samples: bool = True,
     ) -> LLMTrafficWindow:
         """Aggregate raw current rows in Python (what the SQL does in production)."""
-        prompts = v.sample(prompt_lengths, "prompt_lengths")
-        outputs = v.sample(output_tokens, "output_tokens")
-        reasons = [str(r) for r in finish_reasons]
-        flags = np.asarray(refused)
-        if flags.ndim != 1 or not np.isin(flags, [0, 1]).all():
-            raise ValueError("refused must be a one-dimensional sequence of booleans (or 0/1)")
-        if not (prompts.size == outputs.size == len(reasons) == flags.size):
-            raise ValueError(
-                "prompt_lengths, output_tokens, finish_reasons and refused must have one entry per request, got sizes "
-                f"{prompts.size}, {outputs.size}, {len(reasons)}, {flags.size}"
-            )
+        prompts, outputs, reasons, flags = _records(prompt_lengths, output_tokens, finish_reasons, refused)
         return cls(
             prompt_length_counts=tuple(int(c) for c in profile.prompt_length.bin_counts(prompts)),
             output_tokens_counts=tuple(int(c) for c in profile.output_tokens.bin_counts(outputs)),

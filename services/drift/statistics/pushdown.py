@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 from . import _validation as v
-from ._common import MetricResult, decide, ratio_lift_ci
+from ._common import MetricResult, difference_result, ratio_lift_ci
 from .drift import (
     DEFAULT_THRESHOLDS,
     DriftThresholds,
@@ -380,19 +380,16 @@ def quantile_difference(
         p_value = float(2 * stats.norm.sf(abs(diff) / se))
         low, high = diff - z * se, diff + z * se
     rel, rel_low, rel_high = ratio_lift_ci(qt, se_t, qc, se_c, a)
-    return MetricResult(
-        metric=metric or f"p{round(q * 100, 4):g}",
-        method="quantile_order_statistics",
-        control_value=qc,
-        treatment_value=qt,
-        estimate=diff,
-        ci_low=low,
-        ci_high=high,
-        p_value=p_value,
-        decision=decide(p_value, a, diff),
-        alpha=a,
-        n_control=int(nc),
-        n_treatment=int(nt),
+    return difference_result(
+        metric or f"p{round(q * 100, 4):g}",
+        "quantile_order_statistics",
+        qc,
+        qt,
+        (low, high),
+        p_value,
+        a,
+        nc,
+        nt,
         relative_lift=rel,
         relative_ci_low=rel_low,
         relative_ci_high=rel_high,
