@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,80 +71,79 @@ async def _abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> 
     await context.abort(status_code_of(error), error.message)
 
 
-class _ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """A span per call and the one place where domain errors become statuses.
+def _wrap_handler(tracer: trace.Tracer, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A span per call and the one place where domain errors become statuses."""
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
 
-    Wrapped handlers are built once per method and cached: the hot path pays for the span and
-    the try/except only.
-    """
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with telemetry.server_span(tracer, method, context.invocation_metadata()) as span:
+                try:
+                    return await behavior(request, context)
+                except errors.MeshError as error:
+                    span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
+                    await _abort(context, error)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("unhandled error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
-    def __init__(self, service_name: str) -> None:
-        self._tracer = telemetry.tracer(service_name)
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    if handler.unary_stream is not None:
+        stream_behavior = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with telemetry.server_span(tracer, method, context.invocation_metadata()) as span:
+                try:
+                    async for item in stream_behavior(request, context):
+                        yield item
+                except errors.MeshError as error:
+                    span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
+                    await _abort(context, error)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("unhandled error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return handler
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped once, on first use."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, tracer: trace.Tracer) -> None:
+        self._inner = inner
+        self._tracer = tracer
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
-                return handler
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
-        return wrapped
+        if method not in self._wrapped:
+            handler = self._inner.service(handler_call_details)
+            self._wrapped[method] = None if handler is None else _wrap_handler(self._tracer, method, handler)
+        return self._wrapped[method]
 
-    def _span(self, method: str, context: grpc.aio.ServicerContext) -> Any:
-        parent = None
-        metadata = context.invocation_metadata()
-        if metadata and any(key == "traceparent" for key, _ in metadata):
-            parent = telemetry.context_from_metadata(metadata)
-        return self._tracer.start_as_current_span(method, context=parent, kind=trace.SpanKind.SERVER)
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+class _WrappingServer:
+    """What the generated add_*_to_server functions are given: each method handler is wrapped
+    once, when it is registered, instead of a server interceptor running on every call."""
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._span(method, context) as span:
-                    try:
-                        return await behavior(request, context)
-                    except errors.MeshError as error:
-                        span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
-                        await _abort(context, error)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("unhandled error in %s", method)
-                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+    def __init__(self, server: grpc.aio.Server, tracer: trace.Tracer) -> None:
+        self._server = server
+        self._tracer = tracer
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGenericHandler(h, self._tracer) for h in handlers))
 
-        if handler.unary_stream is not None:
-            stream_behavior = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with self._span(method, context) as span:
-                    try:
-                        async for item in stream_behavior(request, context):
-                            yield item
-                    except errors.MeshError as error:
-                        span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
-                        await _abort(context, error)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("unhandled error in %s", method)
-                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: _wrap_handler(self._tracer, f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
 
 
 @dataclass(frozen=True)
@@ -182,12 +181,13 @@ async def start_server(label: str, services: Sequence[ServiceRegistration], sett
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    server = grpc.aio.server(interceptors=[_ServiceInterceptor(label)], options=options)
+    server = grpc.aio.server(options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(s.full_name for s in services)
+    wrapping = _WrappingServer(server, telemetry.tracer(label))
     for service in services:
-        service.add_to_server(server)
+        service.add_to_server(wrapping)  # type: ignore[arg-type]
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:

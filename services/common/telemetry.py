@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -17,11 +19,12 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from services.common.settings import TelemetrySettings
 
 _configured = False
+_recording = False  # an exporter reads spans (else server spans take the fast path below)
 
 
 def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None) -> None:
     """Installs the tracer provider once per process (co-hosted services share it)."""
-    global _configured
+    global _configured, _recording
     if _configured:
         return
     settings = settings or TelemetrySettings()
@@ -41,6 +44,7 @@ def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None
             ) from exc
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
     trace.set_tracer_provider(provider)
+    _recording = settings.exporter != "none"
     _configured = True
 
 
@@ -51,6 +55,37 @@ def tracer(name: str) -> trace.Tracer:
 def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
     carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return propagate.extract(carrier)
+
+
+class _UnrecordedSpan:
+    """A server span when no exporter reads spans: the caller's trace id (or a new one) and a
+    new span id in the current context, as the SDK would give them with its ALWAYS_OFF sampler,
+    without its sampler and span objects (about 25 us a call less on the request path)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, parent: trace.SpanContext | None) -> None:
+        trace_id = parent.trace_id if parent is not None and parent.is_valid else random.getrandbits(128)
+        span_context = trace.SpanContext(trace_id, random.getrandbits(64), is_remote=False)
+        self._span = trace.NonRecordingSpan(span_context)
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, *_exc: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+def server_span(tracer: trace.Tracer, name: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Any:
+    """The span of one served call (a context manager), child of a `traceparent` in metadata."""
+    parent = None
+    if metadata and any(key == "traceparent" for key, _ in metadata):
+        parent = context_from_metadata(metadata)
+    if not _recording:
+        return _UnrecordedSpan(trace.get_current_span(parent).get_span_context() if parent is not None else None)
+    return tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
 
 
 def trace_metadata() -> list[tuple[str, str]]:

@@ -58,7 +58,9 @@ class TenantRateLimiter:
         self, table: dict[str, tuple[TenantLimits, TokenBucket]], tenant: Tenant, rate: float, capacity: float
     ) -> TokenBucket:
         entry = table.get(tenant.name)
-        if entry is None or entry[0] != tenant.limits:  # limits changed: start a fresh bucket
+        # Limits changed: start a fresh bucket. Identity first: the authenticator hands out the
+        # same limits object while its cache holds the key, and pydantic's == is not free.
+        if entry is None or (entry[0] is not tenant.limits and entry[0] != tenant.limits):
             entry = (tenant.limits, TokenBucket(rate, capacity, self._clock()))
             table[tenant.name] = entry
         return entry[1]

@@ -24,14 +24,15 @@ def _bytes_element_count(raw: bytes, field: str) -> int:
 
 
 def _check_tensor(index: int, tensor: TensorData, model: ModelInfo, limits: RequestLimits) -> None:
-    field = f"inputs[{index}]"
-    spec = next((s for s in model.inputs if s.name == tensor.name), None)
-    if spec is None:
+    for spec in model.inputs:
+        if spec.name == tensor.name:
+            break
+    else:
         names = ", ".join(s.name for s in model.inputs)
         raise errors.InvalidArgument(
-            f"{field}.name: model '{model.name}' has no input '{tensor.name}' (inputs: {names})"
+            f"inputs[{index}].name: model '{model.name}' has no input '{tensor.name}' (inputs: {names})"
         )
-    field = f"{field} ('{tensor.name}')"
+    field = f"inputs[{index}] ('{tensor.name}')"
     if tensor.dtype not in DTYPE_ITEMSIZE:
         raise errors.InvalidArgument(f"{field}.dtype: unknown dtype '{tensor.dtype}'")
     if tensor.dtype != spec.dtype:

@@ -9,6 +9,7 @@ sequential latency is unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,15 @@ def split_outputs(outputs: list[TensorData], row_counts: list[int]) -> list[list
     return per_member
 
 
+def _expire(lane: _Lane, pending: _Pending, model: str) -> None:
+    """Deadline of a queued call: it leaves the queue (or, already sent, its batch skips it)."""
+    if pending.future.done():
+        return
+    with contextlib.suppress(ValueError):
+        lane.queue.remove(pending)
+    pending.future.set_exception(errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline"))
+
+
 class PredictBatcher:
     def __init__(self, backend: TritonBackend, max_in_flight: int = 1) -> None:
         self.backend = backend
@@ -88,13 +98,16 @@ class PredictBatcher:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = _Pending(inputs, inputs[0].shape[0], request_id, deadline, loop.create_future())
         lane.queue.append(pending)
+        # A timer on the future itself: cheaper than wait_for(shield(...)) on every queued call.
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, lane, pending, model)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
-        except TimeoutError:
-            if pending in lane.queue:
-                lane.queue.remove(pending)
-            pending.future.cancel()  # a batch finishing later skips it
-            raise errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline") from None
+            return await pending.future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if pending.future.cancelled():  # the caller left: don't send its rows at all
+                with contextlib.suppress(ValueError):
+                    lane.queue.remove(pending)
 
     def _dispatch(self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int) -> None:
         while lane.queue and lane.in_flight < self.max_in_flight:

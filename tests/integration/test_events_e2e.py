@@ -95,6 +95,9 @@ def analytics_mesh(triton: TritonServer, kafka_broker: TansuBroker, tmp_path_fac
 
 def test_predictions_and_feedback_become_redacted_rows(analytics_mesh: dict) -> None:
     metadata = [("authorization", f"Bearer {analytics_mesh['api_key']}")]
+    # The caller's W3C trace context: its trace id must be the one the event carries.
+    caller_trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = [*metadata, ("traceparent", f"00-{caller_trace_id}-00f067aa0ba902b7-01")]
     row = np.linspace(0.5, 2.0, 30, dtype="<f4").reshape(1, 30)
     with grpc.insecure_channel(analytics_mesh["gateway"]) as channel:
         gateway = gateway_pb2_grpc.GatewayStub(channel)
@@ -104,7 +107,7 @@ def test_predictions_and_feedback_become_redacted_rows(analytics_mesh: dict) -> 
                 unit_id="user-42",
                 inputs=[common_pb2.Tensor(name="features", dtype="FP32", shape=[1, 30], raw_data=row.tobytes())],
             ),
-            metadata=metadata,
+            metadata=traced,
             timeout=10,
         )
         chunks = list(
@@ -134,6 +137,10 @@ def test_predictions_and_feedback_become_redacted_rows(analytics_mesh: dict) -> 
         1,
     )
     assert rows == [[predicted.prediction_id, "tabular-classifier", "1", "user-42", 30, "1", 4.0]]
+    trace_ids = _wait_rows(
+        logger, f"SELECT trace_id FROM predictions FINAL WHERE prediction_id = '{predicted.prediction_id}'", 1
+    )
+    assert trace_ids == [[caller_trace_id]]
 
     generated = _wait_rows(
         logger,
