@@ -14,6 +14,10 @@ from services.gateway.spool import FsyncPolicy
 
 class EventSettings(BaseModel):
     enabled: bool = False
+    # Convert and produce in a child process (EventProcess): protobuf conversion and librdkafka's
+    # threads then no longer take the GIL and CPU from the serving process's asyncio loop.
+    # False: in-process (EventEmitter), e.g. where a process may not start children.
+    out_of_process: bool = True
     kafka: KafkaSettings = KafkaSettings()
     # Where events wait while Kafka is unreachable; one gateway process per directory.
     spool_dir: Path = STATE_DIR / "spool"
