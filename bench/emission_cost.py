@@ -1,7 +1,9 @@
-"""Hot-path cost of event emission: EventEmitter.on_complete next to a no-op hook, same run.
+"""Hot-path cost of event emission: the emitter's on_complete next to a no-op hook, same run.
 
-`python -m bench.emission_cost` starts a real Tansu broker, an EventEmitter whose sender thread
-produces to it through librdkafka, and an asyncio loop that plays the gateway: for every simulated request it does
+`python -m bench.emission_cost` starts a real Tansu broker and the gateway's emitter: by default
+EventProcess (a forwarder thread hands batches to a child process that converts and produces
+them through librdkafka), with `--emitter thread` the in-process EventEmitter (its sender thread
+converts and produces). Then an asyncio loop that plays the gateway: for every simulated request it does
 a fixed slice of Python work, then calls the hook the way Gateway._notify does (synchronously,
 on the loop thread). Blocks of records alternate between the no-op hook and the emitter (order
 rotating), paced at --rate requests/s, so both see the same machine.
@@ -10,8 +12,9 @@ Numbers per hook:
 - `call`: the on_complete call alone (what the request path pays directly);
 - `request`: work slice + call. The emitter's sender thread (conversion, serialization, handing
   batches to librdkafka) shares the GIL with the loop, so its indirect cost shows up here;
-- CPU per event (read from /proc) of the Python sender thread (under the GIL) and of
-  librdkafka's C threads (`rdk:*`: batching, compression, network I/O, outside the GIL).
+- CPU per event (read from /proc) of this process's Python threads (the forwarder or the sender,
+  under the GIL), of its librdkafka C threads (`rdk:*`, outside the GIL; none with a child), and
+  of the child process (with EventProcess).
 Floor (ARCHITECTURE: nothing on the hot path waits for Kafka): the emitter adds <= 100 us at
 p50 to the call. Writes bench/results/emission-<timestamp>.json.
 """
@@ -36,6 +39,7 @@ from services.common.kafka import KafkaSettings
 from services.common.net import free_port
 from services.common.settings import REPO_ROOT
 from services.common.tansu import TansuBroker
+from services.gateway.event_process import EventProcess
 from services.gateway.events import EventEmitter
 from services.gateway.events_settings import EventSettings
 from services.gateway.hooks import CompletedRequest, GatewayHook
@@ -154,6 +158,18 @@ def background_cpu_s() -> tuple[float, float]:
     return python_ticks / tick, rdkafka_ticks / tick
 
 
+def child_cpu_s(emitter: EventEmitter | EventProcess) -> float:
+    """CPU seconds of the emitter's child process so far (0 in-process or when it is gone)."""
+    pid = getattr(emitter, "child_pid", None)
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
     us = np.asarray(samples_ns, dtype=np.float64) / 1000.0
     p50, p90, p99, p999 = np.percentile(us, [50, 90, 99, 99.9])
@@ -168,7 +184,7 @@ def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def measure(args: argparse.Namespace, emitter: EventEmitter, run: str) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, emitter: EventEmitter | EventProcess, run: str) -> dict[str, Any]:
     noop = GatewayHook()
     work_n = calibrate_work(args.work_us)
     hooks: dict[str, GatewayHook] = {"noop": noop, "emitter": emitter}
@@ -180,6 +196,7 @@ async def measure(args: argparse.Namespace, emitter: EventEmitter, run: str) -> 
     await run_block(noop, noop_records[: args.warmup], args.rate, work_n)
     started = time.perf_counter()
     cpu_before = background_cpu_s()
+    child_before = child_cpu_s(emitter)
     for block_index, offset in enumerate(range(0, args.records, args.block)):
         order = ["noop", "emitter"] if block_index % 2 == 0 else ["emitter", "noop"]
         for name in order:
@@ -195,11 +212,13 @@ async def measure(args: argparse.Namespace, emitter: EventEmitter, run: str) -> 
         await asyncio.sleep(0.05)
     drained_s = time.perf_counter() - started
     cpu_after = background_cpu_s()
+    child_s = child_cpu_s(emitter) - child_before
     sender_cpu_s, rdkafka_cpu_s = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
     return {
         "work_iterations": work_n,
         "sender_cpu_us_per_event": sender_cpu_s * 1e6 / args.records,
         "rdkafka_cpu_us_per_event": rdkafka_cpu_s * 1e6 / args.records,
+        "child_cpu_us_per_event": child_s * 1e6 / args.records,
         "played_s": played_s,
         "drained_s": drained_s,
         "hooks": {name: {kind: percentiles_us(v) for kind, v in by_kind.items()} for name, by_kind in samples.items()},
@@ -210,7 +229,8 @@ def print_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     hooks = result["hooks"]
     print(
         f"\nemission cost: {args.records} records per hook, blocks of {args.block}, "
-        f"rate {args.rate:g}/s, ~{args.work_us:g} us of work per request, linger {args.linger_ms} ms, real Tansu"
+        f"rate {args.rate:g}/s, ~{args.work_us:g} us of work per request, linger {args.linger_ms} ms, "
+        f"{args.emitter} emitter, real Tansu"
     )
     print(f"{'hook':<10}{'what':<9}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}{'p99.9 us':>10}{'max us':>10}{'mean us':>9}")
     for name in ("noop", "emitter"):
@@ -231,9 +251,9 @@ def print_report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"(played for {result['played_s']:.2f} s)"
     )
     print(
-        f"sender thread's CPU (conversion, serialization, produce calls): "
-        f"{result['sender_cpu_us_per_event']:.1f} us per event, under the loop's GIL; "
-        f"librdkafka's threads: {result['rdkafka_cpu_us_per_event']:.1f} us per event, outside it"
+        f"CPU per event in this process: Python threads {result['sender_cpu_us_per_event']:.1f} us "
+        f"(under the loop's GIL), librdkafka's threads {result['rdkafka_cpu_us_per_event']:.1f} us; "
+        f"in the child process: {result['child_cpu_us_per_event']:.1f} us"
     )
     verdict = "PASS" if result["floor"]["ok"] else "FAIL"
     print(f"floor: emitter adds <= {FLOOR_ADDED_P50_US:g} us at p50 (call): {verdict}")
@@ -248,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-us", type=float, default=50.0, help="synthetic per-request Python work")
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--linger-ms", type=int, default=EventSettings().linger_ms, help="EventSettings.linger_ms")
+    parser.add_argument(
+        "--emitter",
+        choices=["process", "thread"],
+        default="process",
+        help="EventProcess (the gateway's default) or the in-process EventEmitter",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -260,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 kafka=KafkaSettings(bootstrap_servers=broker.bootstrap),
                 spool_dir=Path(scratch) / "spool",
             )
-            emitter = EventEmitter(settings)
+            emitter = EventProcess(settings) if args.emitter == "process" else EventEmitter(settings)
             emitter.start()
             try:
                 result = asyncio.run(measure(args, emitter, run=os.urandom(4).hex()))
