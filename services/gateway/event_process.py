@@ -48,14 +48,13 @@ from services.common.domain import (
     TensorData,
 )
 from services.common.settings import REPO_ROOT
+from services.gateway.events import FEEDBACK, PREDICTION, QueuedEventHook
 from services.gateway.events_settings import EventSettings
-from services.gateway.hooks import CompletedRequest, FeedbackRecord, GatewayHook
+from services.gateway.hooks import CompletedRequest, FeedbackRecord
 from services.gateway.spool import SpoolLocked
 
 log = logging.getLogger("services.gateway.event_process")  # not __name__: "__main__" in the child
 
-PREDICTION = 0
-FEEDBACK = 1
 _PREDICT_REQUEST = 0
 _GENERATE_REQUEST = 1
 _WAKE = (-1, None)  # queue item that only wakes the forwarder (close)
@@ -365,7 +364,7 @@ class _Child:
                 self.process.stdin.close()
 
 
-class EventProcess(GatewayHook):
+class EventProcess(QueuedEventHook):
     """Gateway hook that hands events to an EventEmitter running in a child process.
 
     Same surface and stats() keys as EventEmitter. emitted is counted here (the request path);
@@ -375,8 +374,6 @@ class EventProcess(GatewayHook):
     batch in hand) and in the child's queue. Delivery is at-least-once while the child lives; see
     the module docstring for what a child's crash loses.
     """
-
-    accepts_feedback = True
 
     def __init__(
         self,
@@ -388,18 +385,12 @@ class EventProcess(GatewayHook):
         """spool_lock_wait_s: how long start() retries while the spool is locked. The event
         process of a gateway that was just killed may still be flushing into it (it outlives
         its parent by up to its close timeout); an in-process emitter's lock died at once."""
-        self.settings = settings
+        super().__init__(settings)
         self._startup_timeout_s = startup_timeout_s
         self._spool_lock_wait_s = spool_lock_wait_s
-        # SimpleQueue: a C put with no lock dance; the bound is checked with qsize (racy by a
-        # few items under concurrent callers, which is fine for a shed threshold).
-        self._queue: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        self._queue_max = settings.queue_max_events
-        self._linger_s = settings.linger_ms / 1000
         self._child_env = _child_env(settings)
         self._forwarder: threading.Thread | None = None
         self._stop = threading.Event()
-        self._closing = False
         self._close_requested = False
         self._deadline = math.inf  # close()'s; the forwarder keeps within it
         # (totals of the children that are gone, the running child): one tuple, swapped whole,
@@ -407,10 +398,7 @@ class EventProcess(GatewayHook):
         self._children: tuple[dict[str, int], _Child | None] = (dict.fromkeys(_CUMULATIVE_KEYS, 0), None)
         self._next_start = 0.0
         self._backoff_s = _RESTART_BACKOFF_S
-        # Each counter has one writer thread (request path or forwarder), so no lock is needed.
-        self._emitted = 0
-        self._shed_queue_full = 0
-        self._shed_closed = 0
+        # Written by the forwarder thread only, so no lock is needed.
         self._dropped = 0  # records that could not be put on the wire
         self._in_hand = 0  # records taken from the queue and not yet written to a child
         self.forwarded = 0  # records written to a child's stdin
@@ -420,25 +408,6 @@ class EventProcess(GatewayHook):
     def child_pid(self) -> int | None:
         child = self._children[1]
         return child.pid if child is not None else None
-
-    # -- request path (event loop thread): O(1), no I/O, no conversion --
-
-    def _offer(self, kind: int, item: CompletedRequest | FeedbackRecord) -> bool:
-        if self._closing:
-            self._shed_closed += 1
-            return False
-        if self._queue.qsize() >= self._queue_max:
-            self._shed_queue_full += 1
-            return False
-        self._queue.put((kind, item))
-        self._emitted += 1
-        return True
-
-    def on_complete(self, record: CompletedRequest) -> None:
-        self._offer(PREDICTION, record)
-
-    def on_feedback(self, feedback: FeedbackRecord) -> bool:
-        return self._offer(FEEDBACK, feedback)
 
     def stats(self) -> dict[str, int]:
         totals, child = self._children

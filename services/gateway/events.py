@@ -73,8 +73,8 @@ _RECORD_ERRORS = frozenset(
 # topics), or librdkafka gave up on the idempotent producer (fatal).
 _BROKER_DOWN_ERRORS = frozenset({KafkaError._ALL_BROKERS_DOWN})
 
-_PREDICTION = 0
-_FEEDBACK = 1
+PREDICTION = 0  # kinds of queued record
+FEEDBACK = 1
 _WAKE = (-1, None)  # queue item that only wakes the sender (close)
 
 
@@ -224,53 +224,25 @@ class _Reports:
         self.errors[position] = error
 
 
-class EventEmitter(GatewayHook):
-    """Gateway hook that publishes PredictionEvent / FeedbackEvent to Kafka, spooling on outages.
-
-    Call start() once the process is up and close() on shutdown. Counters (stats()):
-    emitted (accepted by on_complete/on_feedback), delivered (acknowledged by Kafka on the
-    first try), spooled (written to the spool), replayed (acknowledged from the spool), shed
-    (dropped at the door: queue full, spool full or closed), dropped (conversion errors and
-    records the broker rejects as such). Delivery is at-least-once.
-    """
+class QueuedEventHook(GatewayHook):
+    """The request-path half of both emitters (EventEmitter here, EventProcess in a child
+    process): records go on a bounded queue that a background thread drains. O(1), no I/O, no
+    conversion; a full queue or a closed hook sheds and counts."""
 
     accepts_feedback = True
 
-    def __init__(self, settings: EventSettings, *, producer_overrides: dict[str, Any] | None = None) -> None:
-        """producer_overrides: librdkafka properties on top of make_confluent_producer's and ours."""
+    def __init__(self, settings: EventSettings) -> None:
         self.settings = settings
-        self.kafka = settings.kafka
-        self._topics = {_PREDICTION: settings.kafka.predictions_topic, _FEEDBACK: settings.kafka.feedback_topic}
-        self._producer_config: dict[str, Any] = {
-            **producer_config(settings),
-            "error_cb": self._on_error,
-            **(producer_overrides or {}),
-        }
         # SimpleQueue: a C put with no lock dance; the bound is checked with qsize (racy by a
         # few items under concurrent callers, which is fine for a shed threshold).
         self._queue: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._queue_max = settings.queue_max_events
         self._linger_s = settings.linger_ms / 1000
-        self._spool: Spool | None = None
-        self._producer: Any = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._closing = False
-        self._deadline = math.inf
-        self._next_probe = 0.0
-        self._outage_logged = False
-        self._down_reason: str | None = None  # set by error_cb: drop the producer, probe again
-        # Each counter has one writer thread (request path or sender), so no lock is needed.
+        # Written on the request path only (one thread), so no lock is needed.
         self._emitted = 0
         self._shed_queue_full = 0
         self._shed_closed = 0
-        self._delivered = 0
-        self._spooled = 0
-        self._replayed = 0
-        self._shed_spool_full = 0
-        self._dropped = 0
-
-    # -- request path (event loop thread): O(1), no I/O, no conversion --
 
     def _offer(self, kind: int, item: CompletedRequest | FeedbackRecord) -> bool:
         if self._closing:
@@ -284,10 +256,46 @@ class EventEmitter(GatewayHook):
         return True
 
     def on_complete(self, record: CompletedRequest) -> None:
-        self._offer(_PREDICTION, record)
+        self._offer(PREDICTION, record)
 
     def on_feedback(self, feedback: FeedbackRecord) -> bool:
-        return self._offer(_FEEDBACK, feedback)
+        return self._offer(FEEDBACK, feedback)
+
+
+class EventEmitter(QueuedEventHook):
+    """Gateway hook that publishes PredictionEvent / FeedbackEvent to Kafka, spooling on outages.
+
+    Call start() once the process is up and close() on shutdown. Counters (stats()):
+    emitted (accepted by on_complete/on_feedback), delivered (acknowledged by Kafka on the
+    first try), spooled (written to the spool), replayed (acknowledged from the spool), shed
+    (dropped at the door: queue full, spool full or closed), dropped (conversion errors and
+    records the broker rejects as such). Delivery is at-least-once.
+    """
+
+    def __init__(self, settings: EventSettings, *, producer_overrides: dict[str, Any] | None = None) -> None:
+        """producer_overrides: librdkafka properties on top of make_confluent_producer's and ours."""
+        super().__init__(settings)
+        self.kafka = settings.kafka
+        self._topics = {PREDICTION: settings.kafka.predictions_topic, FEEDBACK: settings.kafka.feedback_topic}
+        self._producer_config: dict[str, Any] = {
+            **producer_config(settings),
+            "error_cb": self._on_error,
+            **(producer_overrides or {}),
+        }
+        self._spool: Spool | None = None
+        self._producer: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._deadline = math.inf
+        self._next_probe = 0.0
+        self._outage_logged = False
+        self._down_reason: str | None = None  # set by error_cb: drop the producer, probe again
+        # Written by the sender thread only, so no lock is needed.
+        self._delivered = 0
+        self._spooled = 0
+        self._replayed = 0
+        self._shed_spool_full = 0
+        self._dropped = 0
 
     def stats(self) -> dict[str, int]:
         spool = self._spool
@@ -398,7 +406,7 @@ class EventEmitter(GatewayHook):
         capture = self.settings.capture_max_values
         for kind, item in items:
             try:
-                if kind == _PREDICTION:
+                if kind == PREDICTION:
                     value = prediction_event(item, capture).SerializeToString()
                 else:
                     value = feedback_event(item).SerializeToString()

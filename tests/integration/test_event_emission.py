@@ -35,6 +35,7 @@ from services.common.kafka import KafkaSettings, make_consumer
 from services.common.net import free_port
 from services.common.settings import REPO_ROOT
 from services.common.tansu import TansuBroker
+from services.gateway.event_process import EventProcess
 from services.gateway.events import EventEmitter
 from services.gateway.events_settings import EventSettings
 from services.gateway.hooks import CompletedRequest, FeedbackRecord
@@ -145,7 +146,9 @@ def consume(kafka: KafkaSettings, topics: list[str], expected: int, timeout_s: f
     return messages
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, emitter: EventEmitter) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, emitter: EventEmitter | EventProcess
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() >= deadline:
@@ -374,6 +377,7 @@ CRASHING_EMITTER = """
 import sys, time
 from pathlib import Path
 from tests.integration.test_event_emission import record, settings_for
+from services.gateway.event_process import EventProcess
 from services.gateway.events import EventEmitter
 
 bootstrap, spool_dir, run, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from signal import SIGKILL, SIGSTOP
 
@@ -32,17 +31,10 @@ from tests.integration.test_event_emission import (  # the per-test broker fixtu
     consume,
     record,
     settings_for,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, events: EventProcess) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; stats {events.stats()}")
-        time.sleep(0.05)
 
 
 def process_gone(pid: int) -> bool:
