@@ -28,7 +28,6 @@ import logging
 import marshal
 import math
 import os
-import queue
 import signal
 import struct
 import subprocess
@@ -48,7 +47,7 @@ from services.common.domain import (
     TensorData,
 )
 from services.common.settings import REPO_ROOT
-from services.gateway.events import FEEDBACK, PREDICTION, QueuedEventHook
+from services.gateway.events import FEEDBACK, PREDICTION, WAKE, QueuedEventHook
 from services.gateway.events_settings import EventSettings
 from services.gateway.hooks import CompletedRequest, FeedbackRecord
 from services.gateway.spool import SpoolLocked
@@ -57,7 +56,6 @@ log = logging.getLogger("services.gateway.event_process")  # not __name__: "__ma
 
 _PREDICT_REQUEST = 0
 _GENERATE_REQUEST = 1
-_WAKE = (-1, None)  # queue item that only wakes the forwarder (close)
 
 # EventEmitter.stats() keys (a unit test holds the two lists together); the cumulative ones are
 # summed over the children a gateway has had, the others describe the running child only.
@@ -390,7 +388,6 @@ class EventProcess(QueuedEventHook):
         self._spool_lock_wait_s = spool_lock_wait_s
         self._child_env = _child_env(settings)
         self._forwarder: threading.Thread | None = None
-        self._stop = threading.Event()
         self._close_requested = False
         self._deadline = math.inf  # close()'s; the forwarder keeps within it
         # (totals of the children that are gone, the running child): one tuple, swapped whole,
@@ -463,7 +460,7 @@ class EventProcess(QueuedEventHook):
         self._closing = True
         self._deadline = time.monotonic() + timeout_s
         self._stop.set()
-        self._queue.put(_WAKE)
+        self._queue.put(WAKE)
         forwarder = self._forwarder
         if forwarder is None:
             return
@@ -537,20 +534,6 @@ class EventProcess(QueuedEventHook):
         finally:
             self._closing = True  # (when it failed) shed from now on instead of filling memory
             self._stop_child()
-
-    def _take(self, wait_s: float) -> list[tuple[int, Any]]:
-        """EventEmitter._take's gathering: one wake-up, one conversion pass and one write per batch."""
-        batch_max = self.settings.batch_max_events
-        items: list[tuple[int, Any]] = []
-        try:
-            items.append(self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait())
-            if wait_s > 0 and self._linger_s > 0 and self._queue.qsize() < batch_max:
-                self._stop.wait(self._linger_s)
-            while len(items) < batch_max:
-                items.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return [item for item in items if item[0] != _WAKE[0]]
 
     def _encode(self, items: Sequence[tuple[int, Any]]) -> tuple[list[bytes], int]:
         """The batch as frames (one, unless too large for one) and how many records they hold."""
@@ -770,7 +753,10 @@ def child_main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(os.environ.get("MLMESH_LOG_LEVEL", "INFO"), os.environ.get("MLMESH_LOG_FORMAT", "text"))
     try:
-        emitter = EventEmitter(EventSettings.model_validate_json(os.environ[_SETTINGS_ENV]))
+        settings = EventSettings.model_validate_json(os.environ[_SETTINGS_ENV])
+        # Each frame is a batch the forwarder already gathered for linger_ms: gathering again
+        # here would only add that much to every event's lag.
+        emitter = EventEmitter(settings.model_copy(update={"linger_ms": 0}))
         emitter.start()
     except Exception as exc:
         _send(control_fd, {"error": f"{type(exc).__name__}: {exc}"})

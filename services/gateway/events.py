@@ -75,7 +75,7 @@ _BROKER_DOWN_ERRORS = frozenset({KafkaError._ALL_BROKERS_DOWN})
 
 PREDICTION = 0  # kinds of queued record
 FEEDBACK = 1
-_WAKE = (-1, None)  # queue item that only wakes the sender (close)
+WAKE = (-1, None)  # queue item that only wakes the sender (close)
 
 
 # -- pure conversion --
@@ -239,6 +239,7 @@ class QueuedEventHook(GatewayHook):
         self._queue_max = settings.queue_max_events
         self._linger_s = settings.linger_ms / 1000
         self._closing = False
+        self._stop = threading.Event()  # set by close(): the draining thread finishes up
         # Written on the request path only (one thread), so no lock is needed.
         self._emitted = 0
         self._shed_queue_full = 0
@@ -260,6 +261,22 @@ class QueuedEventHook(GatewayHook):
 
     def on_feedback(self, feedback: FeedbackRecord) -> bool:
         return self._offer(FEEDBACK, feedback)
+
+    # -- the draining thread's side --
+
+    def _take(self, wait_s: float) -> list[tuple[int, Any]]:
+        items: list[tuple[int, Any]] = []
+        try:
+            items.append(self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait())
+            # Gather before producing: one wake-up, one conversion pass and one flush per batch
+            # instead of per event. Sleeping here also keeps put() cheap (no reader to wake).
+            if wait_s > 0 and self._linger_s > 0 and self._queue.qsize() < self.settings.batch_max_events:
+                self._stop.wait(self._linger_s)
+            while len(items) < self.settings.batch_max_events:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return [item for item in items if item[0] != WAKE[0]]
 
 
 class EventEmitter(QueuedEventHook):
@@ -285,7 +302,6 @@ class EventEmitter(QueuedEventHook):
         self._spool: Spool | None = None
         self._producer: Any = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._deadline = math.inf
         self._next_probe = 0.0
         self._outage_logged = False
@@ -342,7 +358,7 @@ class EventEmitter(QueuedEventHook):
         self._closing = True
         self._deadline = time.monotonic() + timeout_s
         self._stop.set()
-        self._queue.put(_WAKE)
+        self._queue.put(WAKE)
         if self._thread is None:
             return
         self._thread.join(timeout_s + 1.0)
@@ -387,20 +403,6 @@ class EventEmitter(QueuedEventHook):
             self._replay(self.settings.replay_chunk_events)
         elif not items:
             self._spool.sync()  # idle: make the "interval" fsync policy reach the disk
-
-    def _take(self, wait_s: float) -> list[tuple[int, Any]]:
-        items: list[tuple[int, Any]] = []
-        try:
-            items.append(self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait())
-            # Gather before producing: one wake-up, one conversion pass and one flush per batch
-            # instead of per event. Sleeping here also keeps put() cheap (no reader to wake).
-            if wait_s > 0 and self._linger_s > 0 and self._queue.qsize() < self.settings.batch_max_events:
-                self._stop.wait(self._linger_s)
-            while len(items) < self.settings.batch_max_events:
-                items.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return [item for item in items if item[0] != _WAKE[0]]
 
     def _encode(self, items: Sequence[tuple[int, Any]]) -> Iterator[SpoolRecord]:
         capture = self.settings.capture_max_values
