@@ -120,14 +120,17 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, tracer: trace.Tracer) -> None:
         self._inner = inner
         self._tracer = tracer
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method not in self._wrapped:
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
             handler = self._inner.service(handler_call_details)
-            self._wrapped[method] = None if handler is None else _wrap_handler(self._tracer, method, handler)
-        return self._wrapped[method]
+            if handler is None:
+                return None  # not cached: clients choose method names, the cache must stay bounded
+            wrapped = self._wrapped[method] = _wrap_handler(self._tracer, method, handler)
+        return wrapped
 
 
 class _WrappingServer:

@@ -82,6 +82,16 @@ async def test_generate_streams_tokens_and_reports_usage_last(gateway, mesh_endp
     assert len({c.prediction_id for c in chunks}) == 1
 
 
+async def test_unknown_methods_get_unimplemented_and_serving_goes_on(gateway, mesh_endpoint: MeshEndpoint) -> None:
+    async with grpc.aio.insecure_channel(mesh_endpoint.gateway) as channel:
+        for name in ("/mlmesh.v1.Gateway/NoSuchMethod", "/no.such.Service/Predict", "/mlmesh.v1.Gateway/x1"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(name)(b"", metadata=auth(mesh_endpoint.api_key), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    response = await gateway.Predict(predict_request(features()), metadata=auth(mesh_endpoint.api_key), timeout=10)
+    assert len(response.outputs) == 2
+
+
 @pytest.mark.parametrize(
     ("request_factory", "code", "message"),
     [
