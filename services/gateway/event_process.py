@@ -741,8 +741,11 @@ def _read_frames(stdin: IO[bytes], emitter: Any, reporter: _ChildReporter) -> fl
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
-    # Ctrl-C in a terminal signals the whole process group; the gateway decides when we stop.
+    # Ctrl-C in a terminal, or a supervisor stopping a whole process group or cgroup, signals us
+    # with the gateway: the gateway decides when we stop (a close frame, or EOF if it died), so
+    # that what we hold is flushed first. SIGKILL still ends us, as close() does past its time.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parser = argparse.ArgumentParser(description="mlmesh gateway event emission (a child of the gateway)")
     parser.add_argument("--control-fd", type=int, required=True)
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from signal import SIGKILL, SIGSTOP
+from signal import SIGINT, SIGKILL, SIGSTOP, SIGTERM
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
@@ -106,6 +106,30 @@ def test_every_event_arrives_exactly_once_through_the_child(broker: TansuBroker,
     assert len(decoded) == 20
     assert decoded[f"{run}-{1:06d}".encode()].rating == 4.0
     assert not decoded[f"{run}-{0:06d}".encode()].HasField("rating")
+
+
+def test_a_child_signalled_with_its_gateway_keeps_going_until_the_gateway_closes_it(
+    broker: TansuBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C or a supervisor's SIGTERM reach the whole process group: the gateway drains first,
+    then closes its child, which must still be there to flush."""
+    settings = settings_for(broker.bootstrap, tmp_path / "spool")
+    events = EventProcess(settings)
+    events.start()
+    run = uuid.uuid4().hex[:8]
+    try:
+        child = events.child_pid
+        assert child is not None
+        os.kill(child, SIGINT)
+        os.kill(child, SIGTERM)
+        for i in range(100):
+            events.on_complete(record(i, run))
+        wait_for(lambda: events.stats()["delivered"] == 100, 20, "100 acknowledged events", events)
+        assert events.child_pid == child and events.restarts == 0
+    finally:
+        events.close(timeout_s=5)
+    assert process_gone(child)
 
 
 def test_a_killed_child_is_replaced_and_emission_goes_on(broker: TansuBroker, tmp_path: Path) -> None:  # noqa: F811
