@@ -29,7 +29,7 @@ from services.common.telemetry import setup_logging
 from services.common.triton_server import TritonServer
 from services.gateway.keys import KeyStore
 from services.gateway.settings import GatewaySettings
-from services.mesh import Mesh, start_mesh
+from services.mesh import Mesh, freeze_startup_heap, start_mesh
 from services.registry.bootstrap import SeedModel, seed
 from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
@@ -204,6 +204,7 @@ async def _serve(
         raise OSError(f"{exc} (is another mlmesh already running?)") from exc
     try:
         await _seed_models(mesh, seeds)
+        freeze_startup_heap()
     except BaseException:
         await mesh.stop()
         raise

@@ -71,6 +71,15 @@ async def _abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> 
     await context.abort(status_code_of(error), error.message)
 
 
+async def _fail(context: grpc.aio.ServicerContext, span: Any, method: str, error: Exception) -> None:
+    """Ends a failed call: a domain error with its status, anything else as INTERNAL (logged)."""
+    if isinstance(error, errors.MeshError):
+        span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
+        await _abort(context, error)
+    log.exception("unhandled error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+
 def _wrap_handler(tracer: trace.Tracer, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A span per call and the one place where domain errors become statuses."""
     if handler.unary_unary is not None:
@@ -80,14 +89,8 @@ def _wrap_handler(tracer: trace.Tracer, method: str, handler: grpc.RpcMethodHand
             with telemetry.server_span(tracer, method, context.invocation_metadata()) as span:
                 try:
                     return await behavior(request, context)
-                except errors.MeshError as error:
-                    span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
-                    await _abort(context, error)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("unhandled error in %s", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+                except Exception as error:  # not CancelledError (a BaseException): it propagates
+                    await _fail(context, span, method, error)
 
         return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 
@@ -99,14 +102,8 @@ def _wrap_handler(tracer: trace.Tracer, method: str, handler: grpc.RpcMethodHand
                 try:
                     async for item in stream_behavior(request, context):
                         yield item
-                except errors.MeshError as error:
-                    span.set_attribute("rpc.grpc.status_code", status_code_of(error).value[0])
-                    await _abort(context, error)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("unhandled error in %s", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+                except Exception as error:
+                    await _fail(context, span, method, error)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer

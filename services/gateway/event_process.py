@@ -85,7 +85,7 @@ _CUMULATIVE_KEYS = (
 )
 
 _FRAME_HEADER = struct.Struct("<I")
-_MAX_FRAME_BYTES = 0xFFFF_FFFF  # what the u32 length can say; larger batches are split
+_MAX_FRAME_BYTES = 0xFFFF_FFFF  # what the u32 length can say
 _SETTINGS_ENV = "MLMESH_EVENT_PROCESS_SETTINGS"  # not argv: the Kafka password would show in `ps`
 _CLOSE_FRAME_KIND = "close"
 _STATS_INTERVAL_S = 0.05
@@ -223,7 +223,7 @@ def _completed_from_wire(t: Sequence[Any]) -> CompletedRequest:
         trace_id=trace_id,
         result=None
         if result is None
-        else PredictResult(result[0], ServedBy(*result[1]), [_tensor_from_wire(tensor) for tensor in result[2]]),
+        else PredictResult(result[0], ServedBy(*result[1]), [_tensor_from_wire(t) for t in result[2]]),
         completion_text=completion_text,
         finish_reason=finish_reason,
         usage=None if usage is None else GenerationUsage(*usage),
@@ -503,17 +503,17 @@ class EventProcess(QueuedEventHook):
         return child
 
     def _forward(self) -> None:
-        frames: list[bytes] = []  # the batch in hand, encoded, not yet written to a child
-        count = 0  # records in those frames
+        frame = b""  # the batch in hand, encoded, not yet written to a child
+        count = 0  # records in that frame
         try:
             while True:
-                if not frames:
+                if not frame:
                     if self._stop.is_set() and self._queue.empty():
                         break
                     items = self._take(0.0 if self._stop.is_set() else 0.2)
                     self._in_hand = len(items)
-                    frames, count = self._encode(items)
-                    if not frames:
+                    frame, count = self._encode(items)
+                    if not frame:
                         self._in_hand = 0
                         if not self._stop.is_set():
                             self._running_child()  # a child that died while idle is replaced too
@@ -525,18 +525,18 @@ class EventProcess(QueuedEventHook):
                         log.error("event process: no child to flush to before the close deadline; %d events lost", lost)
                         break
                     continue
-                if self._write(child, frames):
+                if self._write(child, frame):
                     child.sent += count
                     self.forwarded += count
-                    frames, count, self._in_hand = [], 0, 0
+                    frame, count, self._in_hand = b"", 0, 0
         except Exception:
             log.exception("event process: forwarder failed; events are no longer emitted")
         finally:
             self._closing = True  # (when it failed) shed from now on instead of filling memory
             self._stop_child()
 
-    def _encode(self, items: Sequence[tuple[int, Any]]) -> tuple[list[bytes], int]:
-        """The batch as frames (one, unless too large for one) and how many records they hold."""
+    def _encode(self, items: Sequence[tuple[int, Any]]) -> tuple[bytes, int]:
+        """The batch as one frame and how many records it holds (b"", 0: nothing to send)."""
         capture = self.settings.capture_max_values
         wires: list[tuple[int, tuple[Any, ...]]] = []
         for kind, item in items:
@@ -551,21 +551,12 @@ class EventProcess(QueuedEventHook):
             wires = [wire for wire in wires if self._marshallable(wire)]
             blob = marshal.dumps(wires)
         if not wires:
-            return [], 0
-        return self._frames(wires, blob), len(wires)
-
-    def _frames(self, wires: list[tuple[int, tuple[Any, ...]]], blob: bytes) -> list[bytes]:
-        if len(blob) <= _MAX_FRAME_BYTES:
-            return [_frame(blob)]
-        if len(wires) == 1:
-            self._dropped += 1
-            log.error("event process: an event of %d bytes does not fit in a frame; dropped", len(blob))
-            return []
-        half = len(wires) // 2
-        return [
-            *self._frames(wires[:half], marshal.dumps(wires[:half])),
-            *self._frames(wires[half:], marshal.dumps(wires[half:])),
-        ]
+            return b"", 0
+        if len(blob) > _MAX_FRAME_BYTES:  # out of reach: tensors are cut, prompts are bounded
+            self._dropped += len(wires)
+            log.error("event process: a batch of %d bytes does not fit in a frame; dropped", len(blob))
+            return b"", 0
+        return _frame(blob), len(wires)
 
     def _marshallable(self, wire: tuple[int, tuple[Any, ...]]) -> bool:
         try:
@@ -576,14 +567,13 @@ class EventProcess(QueuedEventHook):
             return False
         return True
 
-    def _write(self, child: _Child, frames: Sequence[bytes]) -> bool:
+    def _write(self, child: _Child, frame: bytes) -> bool:
         """Blocks while the child's pipe is full (the request path sheds at the queue's bound).
         False when the child is gone: the caller starts another one and writes again."""
         stdin = child.process.stdin
         assert stdin is not None
         try:
-            for frame in frames:
-                stdin.write(frame)
+            stdin.write(frame)
             stdin.flush()
         except (OSError, ValueError) as exc:  # BrokenPipeError (ValueError: a closed stdin)
             self._retire(child, f"stopped reading events ({type(exc).__name__})")
@@ -606,8 +596,7 @@ class EventProcess(QueuedEventHook):
         try:
             child = self._spawn(min(self._startup_timeout_s, self._deadline - time.monotonic()))
         except Exception as exc:
-            self._next_start = time.monotonic() + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, _RESTART_BACKOFF_MAX_S)
+            self._back_off()
             log.warning(
                 "event process: restart failed (%s); next try in %.1f s", exc, self._next_start - time.monotonic()
             )
@@ -635,8 +624,12 @@ class EventProcess(QueuedEventHook):
             self._backoff_s = _RESTART_BACKOFF_S
             self._next_start = 0.0
         else:
-            self._next_start = time.monotonic() + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, _RESTART_BACKOFF_MAX_S)
+            self._back_off()
+
+    def _back_off(self) -> None:
+        """No new child before the current backoff has passed; the next backoff doubles."""
+        self._next_start = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, _RESTART_BACKOFF_MAX_S)
 
     def _stop_child(self) -> None:
         """Shutdown: the child flushes with the time left, writes its last stats and exits."""

@@ -146,6 +146,24 @@ def consume(kafka: KafkaSettings, topics: list[str], expected: int, timeout_s: f
     return messages
 
 
+def feedback_records(run: str, count: int = 20) -> list[FeedbackRecord]:
+    """Feedback for predictions 0..count-1 of a run; odd ones carry a rating, even ones none."""
+    return [
+        FeedbackRecord(
+            f"fb-{i}", f"{run}-{i:06d}", "acme", "user-1", time.time(), "1", 4.0 if i % 2 else None, "", "", ""
+        )
+        for i in range(count)
+    ]
+
+
+def check_feedback(messages: list[ConsumerRecord], run: str, count: int = 20) -> None:
+    """feedback_records(run, count) as consumed: each once, the rating present only where given."""
+    decoded = {m.key: events_pb2.FeedbackEvent.FromString(m.value) for m in messages}
+    assert len(messages) == len(decoded) == count
+    assert decoded[f"{run}-{1:06d}".encode()].rating == 4.0
+    assert not decoded[f"{run}-{0:06d}".encode()].HasField("rating")
+
+
 def wait_for(
     condition: Callable[[], bool], timeout_s: float, what: str, emitter: EventEmitter | EventProcess
 ) -> None:
@@ -180,12 +198,7 @@ def test_every_event_arrives_exactly_once_with_its_fields(broker: TansuBroker, t
     run = uuid.uuid4().hex[:8]
     try:
         emit(emitter, [record(i, run) for i in range(1000)])
-        feedback = [
-            FeedbackRecord(
-                f"fb-{i}", f"{run}-{i:06d}", "acme", "user-1", time.time(), "1", 4.0 if i % 2 else None, "", "", ""
-            )
-            for i in range(20)
-        ]
+        feedback = feedback_records(run)
         assert all(emitter.on_feedback(fb) for fb in feedback)
         wait_for(lambda: emitter.stats()["delivered"] == 1020, 30, "1020 acknowledged events", emitter)
     finally:
@@ -207,10 +220,7 @@ def test_every_event_arrives_exactly_once_with_its_fields(broker: TansuBroker, t
         seen.add(check_prediction(event, run))
     assert seen == set(range(1000))
 
-    assert len(feedback_messages) == 20
-    decoded = {m.key: events_pb2.FeedbackEvent.FromString(m.value) for m in feedback_messages}
-    assert decoded[f"{run}-{1:06d}".encode()].rating == 4.0
-    assert not decoded[f"{run}-{0:06d}".encode()].HasField("rating")
+    check_feedback(feedback_messages, run)
 
     stats = emitter.stats()
     assert stats["emitted"] == stats["delivered"] == 1020

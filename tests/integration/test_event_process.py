@@ -24,11 +24,12 @@ from services.common.settings import REPO_ROOT
 from services.common.tansu import TansuBroker
 from services.gateway.event_process import EventProcess
 from services.gateway.events import EventEmitter
-from services.gateway.hooks import FeedbackRecord
 from tests.integration.test_event_emission import (  # the per-test broker fixture, too
     broker,  # noqa: F401
+    check_feedback,
     check_prediction,
     consume,
+    feedback_records,
     record,
     settings_for,
     wait_for,
@@ -75,12 +76,7 @@ def test_every_event_arrives_exactly_once_through_the_child(broker: TansuBroker,
         assert events.child_pid is not None and events.child_pid != os.getpid()
         for i in range(500):
             assert events.on_complete(record(i, run)) is None
-        feedback = [
-            FeedbackRecord(
-                f"fb-{i}", f"{run}-{i:06d}", "acme", "user-1", time.time(), "1", 4.0 if i % 2 else None, "", "", ""
-            )
-            for i in range(20)
-        ]
+        feedback = feedback_records(run)
         assert all(events.on_feedback(fb) for fb in feedback)
         wait_for(lambda: events.stats()["delivered"] == 520, 20, "520 acknowledged events", events)
         assert events.stats()["connected"] == 1
@@ -102,10 +98,7 @@ def test_every_event_arrives_exactly_once_through_the_child(broker: TansuBroker,
     assert len(messages) == 500 and len({m.key for m in messages}) == 500
     numbers = {check_prediction(events_pb2.PredictionEvent.FromString(m.value), run) for m in messages}
     assert numbers == set(range(500))
-    decoded = {m.key: events_pb2.FeedbackEvent.FromString(m.value) for m in received if m.topic == kafka.feedback_topic}
-    assert len(decoded) == 20
-    assert decoded[f"{run}-{1:06d}".encode()].rating == 4.0
-    assert not decoded[f"{run}-{0:06d}".encode()].HasField("rating")
+    check_feedback([m for m in received if m.topic == kafka.feedback_topic], run)
 
 
 def test_a_child_signalled_with_its_gateway_keeps_going_until_the_gateway_closes_it(
