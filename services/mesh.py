@@ -152,7 +152,7 @@ async def start_mesh(
             if mesh.registry is not None and not settings.registry_address:
                 # A co-hosted router follows the registry beside it (same watch API as remote ones).
                 settings = settings.model_copy(update={"registry_address": mesh.registry.address})
-            backend = TritonBackend(settings.triton_url)
+            backend = TritonBackend(settings.triton_url, settings.triton_predict_stream)
             mesh.router = RouterCore(
                 backend,
                 settings.static_table(),

@@ -68,6 +68,9 @@ class RouterSettings(ServerSettings):
     # Predict calls to one batching model that may be in flight before new ones are merged
     # into the next call (0 = never merge).
     batch_max_in_flight: int = 1
+    # Predicts as messages on one ModelStreamInfer stream per model (less CPU and latency per
+    # call) or, when false, one unary ModelInfer each (Triton then also sees each deadline).
+    triton_predict_stream: bool = True
     model_refresh_interval_s: float = 2.0
     # The registry's address ("" = static routes only). Its tables arrive over WatchRoutes and are
     # cached in table_cache_path, so a router restarted while the registry is down serves its last one.

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import InferenceServerClient
 
 from services.common import errors
 from services.common.api import (
@@ -45,7 +44,7 @@ from services.common.routing import (
     table_to_dict,
     table_to_proto,
 )
-from services.common.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer, model_config_json
+from services.common.triton_server import TritonServer
 from services.gateway.events import prediction_event
 from services.gateway.hooks import CompletedRequest, GatewayHook
 from services.gateway.keys import KeyStore
@@ -59,6 +58,7 @@ from services.router.settings import RouterSettings
 from services.router.shadow import ShadowResult
 from services.router.triton import TritonBackend
 from services.router.watch import RegistryWatcher, load_cached_table
+from tests.integration.model_copies import loaded_copies
 
 pytestmark = pytest.mark.integration
 
@@ -77,32 +77,10 @@ COPIES = {
 }
 
 
-def _load_copy(grpc_url: str, name: str, parameters: dict[str, str]) -> None:
-    """Loads tabular_classifier's files under another Triton name (config and files sent inline)."""
-    config = json.loads(model_config_json("tabular_classifier", parameters))
-    config["name"] = name
-    version_dir = DEFAULT_MODEL_REPOSITORY / "tabular_classifier" / "1"
-    files = {f"file:1/{f}": (version_dir / f).read_bytes() for f in ("model.py", "model.onnx")}
-    client = InferenceServerClient(grpc_url)
-    try:
-        client.load_model(name, config=json.dumps(config), files=files)
-    finally:
-        client.close()
-
-
-def _unload(grpc_url: str, name: str) -> None:
-    client = InferenceServerClient(grpc_url)
-    try:
-        client.unload_model(name)
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="module")
 async def copies(triton: TritonServer) -> AsyncIterator[None]:
-    await asyncio.gather(*(asyncio.to_thread(_load_copy, triton.grpc_url, n, p) for n, p in COPIES.items()))
-    yield
-    await asyncio.gather(*(asyncio.to_thread(_unload, triton.grpc_url, name) for name in COPIES))
+    async with loaded_copies(triton.grpc_url, COPIES):
+        yield
 
 
 def features(rows: int = 1, seed: int = 0) -> np.ndarray:
