@@ -11,11 +11,14 @@ protobuf conversion, Kafka, the spool.
         records, or ("close", timeout_s) for an orderly stop. EOF (the gateway died, even by
         SIGKILL) stops the child the same way: it flushes to Kafka or spools, then exits.
     control fd (child -> parent): JSON lines: {"ready": true} or {"error": "..."} once, then
-        the emitter's stats() whenever they change (checked every ~50 ms) and once at the end.
+        the emitter's stats() and the frames read so far whenever they change (checked every
+        ~50 ms), at least once a second (a heartbeat), and once at the end.
 
 When the child dies while the gateway runs, the forwarder starts another one (the spool's flock
 died with the old child: the new one reopens the spool and replays it) and resends the batch it
-could not write. Events the dead child held in memory (its queue, the pipe's buffer, a batch
+could not write. A child that is alive but hung (silent on the control pipe, or not reading the
+frames written to it, for child_stall_timeout_s) is killed by a watchdog thread and replaced
+the same way. Events the dead child held in memory (its queue, the pipe's buffer, a batch
 not yet acknowledged by Kafka) are lost; what it had spooled is replayed by its successor.
 """
 
@@ -89,6 +92,8 @@ _MAX_FRAME_BYTES = 0xFFFF_FFFF  # what the u32 length can say
 _SETTINGS_ENV = "MLMESH_EVENT_PROCESS_SETTINGS"  # not argv: the Kafka password would show in `ps`
 _CLOSE_FRAME_KIND = "close"
 _STATS_INTERVAL_S = 0.05
+_HEARTBEAT_S = 1.0  # the child reports at least this often, changed or not
+_WATCHDOG_INTERVAL_S = 0.5
 _ORPHAN_CLOSE_TIMEOUT_S = 10.0  # the gateway died: nobody waits, EventEmitter.close's default
 _EXIT_GRACE_S = 3.0  # beyond close's timeout, for the child to write its last stats and exit
 _RESTART_BACKOFF_S = 0.5
@@ -290,6 +295,11 @@ class _Child:
         self.answered = threading.Event()  # ready, error, or the pipe closed (the child exited)
         self.gone = threading.Event()  # the pipe closed: its last stats are in
         self.sent = 0  # records written to its stdin (forwarder thread)
+        self.frames_sent = 0  # frames written to its stdin (forwarder thread)
+        self.frames_read = 0  # frames it said it has read
+        self.last_heard = self.started_at  # its last control line
+        self.last_progress = self.started_at  # when it last read a frame, or was given one with none pending
+        self.stall_killed = False
         self._reader = threading.Thread(target=self._read, args=(control,), name="event-process-reader", daemon=True)
         self._reader.start()
 
@@ -302,6 +312,7 @@ class _Child:
                     except ValueError:
                         log.warning("event process: unreadable control line %r", line[:200])
                         continue
+                    self.last_heard = time.monotonic()
                     if "error" in message:
                         self.error = str(message["error"])
                         self.answered.set()
@@ -310,12 +321,26 @@ class _Child:
                         self.answered.set()
                     else:
                         self.stats = {key: int(message.get(key, 0)) for key in STAT_KEYS}
+                        frames = int(message.get("frames", 0))
+                        if frames != self.frames_read:
+                            self.frames_read = frames
+                            self.last_progress = self.last_heard
         finally:
             self.gone.set()
             self.answered.set()
 
     def alive(self) -> bool:
         return not self.gone.is_set() and self.process.poll() is None
+
+    def wrote_frame(self, records: int) -> None:
+        """Forwarder thread, after a frame was written to it."""
+        if self.frames_sent == self.frames_read:  # nothing was pending: the unread clock starts now
+            self.last_progress = time.monotonic()
+        self.frames_sent += 1
+        self.sent += records
+
+    def stalled_for(self, now: float) -> float:
+        return stall_seconds(now, self.last_heard, self.last_progress, self.frames_sent, self.frames_read)
 
     def lost_estimate(self) -> int:
         """Records written to it that its last report does not show as handled: about what died
@@ -362,6 +387,13 @@ class _Child:
                 self.process.stdin.close()
 
 
+def stall_seconds(now: float, last_heard: float, last_progress: float, frames_sent: int, frames_read: int) -> float:
+    """How long a child has looked hung: silent on its control pipe, or not reading what it was
+    given (its heartbeat thread may live on while its main thread is stuck)."""
+    unread_s = now - last_progress if frames_sent > frames_read else 0.0
+    return max(now - last_heard, unread_s)
+
+
 class EventProcess(QueuedEventHook):
     """Gateway hook that hands events to an EventEmitter running in a child process.
 
@@ -400,6 +432,8 @@ class EventProcess(QueuedEventHook):
         self._in_hand = 0  # records taken from the queue and not yet written to a child
         self.forwarded = 0  # records written to a child's stdin
         self.restarts = 0  # children started after the first
+        self.stall_kills = 0  # hung children the watchdog killed
+        self._watchdog: threading.Thread | None = None
 
     @property
     def child_pid(self) -> int | None:
@@ -449,6 +483,9 @@ class EventProcess(QueuedEventHook):
         self._children = (self._children[0], child)
         self._forwarder = threading.Thread(target=self._forward, name="event-forwarder", daemon=True)
         self._forwarder.start()
+        if self.settings.child_stall_timeout_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="event-watchdog", daemon=True)
+            self._watchdog.start()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops accepting events; the child flushes what is queued to Kafka, or to the spool
@@ -526,7 +563,7 @@ class EventProcess(QueuedEventHook):
                         break
                     continue
                 if self._write(child, frame):
-                    child.sent += count
+                    child.wrote_frame(count)
                     self.forwarded += count
                     frame, count, self._in_hand = b"", 0, 0
         except Exception:
@@ -534,6 +571,29 @@ class EventProcess(QueuedEventHook):
         finally:
             self._closing = True  # (when it failed) shed from now on instead of filling memory
             self._stop_child()
+
+    def _watch(self) -> None:
+        """Kills a running child that looks hung; the forwarder then replaces it (its blocked
+        write fails, or it finds the child dead). Stops at close(), which has its own timeouts."""
+        timeout_s = self.settings.child_stall_timeout_s
+        while not self._stop.wait(_WATCHDOG_INTERVAL_S):
+            child = self._children[1]
+            if child is None or child.stall_killed or not child.ready or not child.alive():
+                continue
+            stalled_s = child.stalled_for(time.monotonic())
+            if stalled_s > timeout_s:
+                child.stall_killed = True
+                self.stall_kills += 1
+                log.error(
+                    "event process (pid %d) looks hung (silent or not reading for %.1f s, %d of %d frames read);"
+                    " killing it",
+                    child.pid,
+                    stalled_s,
+                    child.frames_read,
+                    child.frames_sent,
+                )
+                with contextlib.suppress(OSError):
+                    child.process.kill()
 
     def _encode(self, items: Sequence[tuple[int, Any]]) -> tuple[bytes, int]:
         """The batch as one frame and how many records it holds (b"", 0: nothing to send)."""
@@ -673,6 +733,7 @@ class _ChildReporter:
         self.emitter = emitter
         self.control_fd = control_fd
         self.wire_errors = 0  # records that could not be rebuilt (main thread)
+        self.frames_read = 0  # main thread: the gateway's watchdog sees whether we keep reading
         self.closing = False  # the emitter is being closed: its sender ends on purpose
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="event-stats", daemon=True)
@@ -680,6 +741,7 @@ class _ChildReporter:
     def stats(self) -> dict[str, int]:
         stats = self.emitter.stats()
         stats["dropped"] += self.wire_errors
+        stats["frames"] = self.frames_read
         return stats
 
     def start(self) -> None:
@@ -687,11 +749,13 @@ class _ChildReporter:
 
     def _run(self) -> None:
         last: dict[str, int] | None = None
+        last_sent = 0.0
         while not self._stop.wait(_STATS_INTERVAL_S):
             stats = self.stats()
-            if stats != last:
+            now = time.monotonic()
+            if stats != last or now - last_sent >= _HEARTBEAT_S:  # unchanged ones too: a heartbeat
                 _send(self.control_fd, stats)
-                last = stats
+                last, last_sent = stats, now
             sender = getattr(self.emitter, "_thread", None)
             if not self.closing and sender is not None and not sender.is_alive():
                 log.error("event process: the emitter's sender thread died; exiting so the gateway starts another")
@@ -720,6 +784,7 @@ def _read_frames(stdin: IO[bytes], emitter: Any, reporter: _ChildReporter) -> fl
         message = marshal.loads(blob)
         if isinstance(message, tuple) and message[0] == _CLOSE_FRAME_KIND:
             return float(message[1])
+        reporter.frames_read += 1
         for wire in message:
             try:
                 kind, item = record_from_wire(wire)

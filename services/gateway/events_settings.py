@@ -46,3 +46,7 @@ class EventSettings(BaseModel):
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     # How often to check whether an unreachable broker is back.
     probe_interval_s: float = Field(default=1.0, gt=0)
+    # out_of_process only: a child that says nothing for this long (it reports at least once a
+    # second), or leaves what was written to it unread for this long, is hung: it is killed and
+    # replaced, and the next child replays the spool (0 = never).
+    child_stall_timeout_s: float = Field(default=10.0, ge=0)

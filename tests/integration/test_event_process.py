@@ -186,6 +186,39 @@ def test_close_returns_even_when_the_child_hangs(broker: TansuBroker, tmp_path: 
     assert events.stats()["connected"] == 0
 
 
+def test_a_hung_child_is_killed_and_replaced_by_the_watchdog(broker: TansuBroker, tmp_path: Path) -> None:  # noqa: F811
+    settings = settings_for(broker.bootstrap, tmp_path / "spool", child_stall_timeout_s=1.5)
+    events = EventProcess(settings)
+    events.start()
+    run = uuid.uuid4().hex[:8]
+    try:
+        time.sleep(3.0)  # idle for twice the timeout: the heartbeat keeps a healthy child alive
+        hung = events.child_pid
+        assert hung is not None and events.stall_kills == 0
+        os.kill(hung, SIGSTOP)  # alive, but reads and answers nothing
+        for i in range(50):  # written to the hung child (lost with it) or resent to the next one
+            events.on_complete(record(i, run))
+        wait_for(
+            lambda: events.child_pid not in (None, hung) and events.stats()["connected"] == 1,
+            20,
+            "the watchdog to replace the hung child",
+            events,
+        )
+        assert events.stall_kills == 1 and process_gone(hung)
+        for i in range(100, 200):
+            events.on_complete(record(i, run))
+        wait_for(lambda: events.stats()["queue_depth"] == 0, 20, "the queues to drain", events)
+    finally:
+        events.close(timeout_s=5)
+    wanted = {f"{run}-{i:06d}".encode() for i in range(100, 200)}
+    numbers = [
+        check_prediction(events_pb2.PredictionEvent.FromString(m.value), run)
+        for m in consume_keys(settings.kafka, wanted)
+    ]
+    assert {f"{run}-{i:06d}".encode() for i in numbers} >= wanted
+    assert len(numbers) == len(set(numbers))  # none delivered twice
+
+
 ORPHANING_GATEWAY = """
 import os, signal, sys, time
 from pathlib import Path

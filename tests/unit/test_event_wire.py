@@ -26,6 +26,7 @@ from services.gateway.event_process import (
     _child_env,
     record_from_wire,
     record_to_wire,
+    stall_seconds,
 )
 from services.gateway.events import EventEmitter, prediction_event
 from services.gateway.events_settings import EventSettings
@@ -193,3 +194,18 @@ def test_the_child_gets_the_settings_with_the_real_kafka_password() -> None:
     rebuilt = EventSettings.model_validate_json(_child_env(settings)[_SETTINGS_ENV])
     assert rebuilt == settings
     assert rebuilt.kafka.sasl_password is not None and rebuilt.kafka.sasl_password.get_secret_value() == "s3cr3t"
+
+
+@pytest.mark.parametrize(
+    ("last_heard", "last_progress", "sent", "read", "stalled"),
+    [
+        (99.5, 50.0, 7, 7, 0.5),  # idle, heartbeat fresh: nothing pending, however long ago
+        (99.5, 98.0, 8, 7, 2.0),  # reports (its heartbeat thread lives) but a frame stays unread
+        (90.0, 99.0, 8, 8, 10.0),  # silent: stopped, or its reporter died
+        (95.0, 80.0, 9, 7, 20.0),  # both: the longer counts
+    ],
+)
+def test_a_child_looks_hung_when_silent_or_not_reading(
+    last_heard: float, last_progress: float, sent: int, read: int, stalled: float
+) -> None:
+    assert stall_seconds(100.0, last_heard, last_progress, sent, read) == pytest.approx(stalled)
