@@ -160,6 +160,7 @@ async def start_mesh(
                 settings.batch_max_in_flight,
                 breaker=settings.breaker.config(),
                 shadow_max_in_flight=settings.shadow_max_in_flight,
+                batch_gather_max_s=settings.batch_gather_max_us / 1e6,
             )
             await mesh.router.refresh_model_info()
             mesh._closers.append(mesh.router.close)

@@ -2,8 +2,16 @@
 
 Every Python gRPC call to Triton costs CPU on both sides (and smaller batches in Triton's own
 dynamic batcher); under concurrency the router merges requests that queue up while earlier
-calls are in flight. Nothing waits on a timer: with a free slot a request goes out at once, so
+calls are in flight. With a free slot and nothing to gather for, a request goes out at once, so
 sequential latency is unchanged.
+
+Adaptive gathering (`gather_max_s` > 0): the callers of a batch that just came back usually send
+their next requests at once (closed-loop clients, a pipeline's workers). For up to gather_max_s
+after a batch completes, the lane waits until as many rows are queued as that batch had plus
+those that were already waiting, then sends them together. A lone caller (a batch of one) is never held: its next request meets the
+target by itself. Under steady concurrency the batches grow to the number of callers, so Triton
+runs fewer, larger executions; a fixed hold in Triton would instead delay every request, the
+lone ones too.
 """
 
 from __future__ import annotations
@@ -33,6 +41,12 @@ class _Pending:
 class _Lane:
     queue: list[_Pending] = field(default_factory=list)
     in_flight: int = 0
+    gather_until: float = 0.0  # monotonic time until which new requests wait for target_rows
+    target_rows: int = 0  # the last completed batch's rows
+    timer: asyncio.TimerHandle | None = None  # ends the current gathering
+
+    def queued_rows(self) -> int:
+        return sum(p.rows for p in self.queue)
 
 
 def merge_inputs(group: list[_Pending]) -> list[TensorData]:
@@ -68,9 +82,10 @@ def _expire(lane: _Lane, pending: _Pending, model: str) -> None:
 
 
 class PredictBatcher:
-    def __init__(self, backend: TritonBackend, max_in_flight: int = 1) -> None:
+    def __init__(self, backend: TritonBackend, max_in_flight: int = 1, gather_max_s: float = 0.0) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
+        self.gather_max_s = gather_max_s
         self._lanes: dict[tuple[str, str, tuple[str, ...]], _Lane] = {}
 
     async def infer(
@@ -87,17 +102,24 @@ class PredictBatcher:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
-        if lane.in_flight < self.max_in_flight and not lane.queue:
+        rows = inputs[0].shape[0]
+        if (
+            lane.in_flight < self.max_in_flight
+            and not lane.queue
+            and (rows >= lane.target_rows or time.monotonic() >= lane.gather_until)
+        ):
             lane.in_flight += 1
             try:
                 return await self.backend.infer(model, version, inputs, outputs, request_id, timeout_s)
             finally:
                 lane.in_flight -= 1
-                self._dispatch(key, lane, max_batch_size)
+                self._completed(key, lane, max_batch_size, rows)
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pending = _Pending(inputs, inputs[0].shape[0], request_id, deadline, loop.create_future())
+        pending = _Pending(inputs, rows, request_id, deadline, loop.create_future())
         lane.queue.append(pending)
+        if lane.in_flight < self.max_in_flight:  # gathering: this arrival may complete the batch
+            self._dispatch(key, lane, max_batch_size)
         # A timer on the future itself: cheaper than wait_for(shield(...)) on every queued call.
         timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, lane, pending, model)
         try:
@@ -109,7 +131,31 @@ class PredictBatcher:
                 with contextlib.suppress(ValueError):
                     lane.queue.remove(pending)
 
+    def _completed(self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int, rows: int) -> None:
+        """A call came back: its callers are likely to send again. Gather for their rows plus
+        those already waiting (in a closed loop, every caller), or until gather_max_s."""
+        if self.gather_max_s > 0:
+            lane.target_rows = rows + lane.queued_rows()
+            lane.gather_until = time.monotonic() + self.gather_max_s
+        self._dispatch(key, lane, max_batch_size)
+
+    def _gather_timeout(self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int) -> None:
+        lane.timer = None
+        self._dispatch(key, lane, max_batch_size)
+
     def _dispatch(self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int) -> None:
+        if lane.queue and lane.in_flight < self.max_in_flight and self.gather_max_s > 0:
+            queued = lane.queued_rows()
+            wait_s = lane.gather_until - time.monotonic()
+            if wait_s > 0 and queued < lane.target_rows and queued < max_batch_size:
+                if lane.timer is None:
+                    lane.timer = asyncio.get_running_loop().call_later(
+                        wait_s, self._gather_timeout, key, lane, max_batch_size
+                    )
+                return
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
         while lane.queue and lane.in_flight < self.max_in_flight:
             group, rows = [], 0
             while lane.queue and rows + lane.queue[0].rows <= max_batch_size:
@@ -125,6 +171,7 @@ class PredictBatcher:
         self, key: tuple[str, str, tuple[str, ...]], lane: _Lane, max_batch_size: int, group: list[_Pending]
     ) -> None:
         model, version, outputs = key
+        rows = sum(m.rows for m in group)
         try:
             if len(group) == 1:
                 await self._run_one(model, version, list(outputs), group[0])
@@ -149,7 +196,7 @@ class PredictBatcher:
                     member.future.set_result(member_outputs)
         finally:
             lane.in_flight -= 1
-            self._dispatch(key, lane, max_batch_size)
+            self._completed(key, lane, max_batch_size, rows)
 
     async def _run_one(self, model: str, version: str, outputs: list[str], member: _Pending) -> None:
         timeout = None if member.deadline is None else member.deadline - time.monotonic()

@@ -107,6 +107,7 @@ class RouterCore:
         *,
         breaker: BreakerConfig | None = None,
         shadow_max_in_flight: int = 64,
+        batch_gather_max_s: float = 0.0,
         observer: ShadowObserver | None = None,
         metrics: RouterMetrics | None = None,
     ) -> None:
@@ -126,7 +127,9 @@ class RouterCore:
         self._apply_lock = asyncio.Lock()
         self._closed = False
         # 0 disables coalescing: every Predict is its own Triton call.
-        self._batcher = PredictBatcher(backend, batch_max_in_flight) if batch_max_in_flight > 0 else None
+        self._batcher = (
+            PredictBatcher(backend, batch_max_in_flight, batch_gather_max_s) if batch_max_in_flight > 0 else None
+        )
         self._compile()
 
     # -- routing table --

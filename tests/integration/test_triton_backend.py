@@ -1,11 +1,13 @@
 """The router's Triton connection against the real tritonserver: Predicts on per-model
-ModelStreamInfer streams behave like unary ModelInfer calls (results, statuses, deadlines)."""
+ModelStreamInfer streams behave like unary ModelInfer calls (results, statuses, deadlines), and
+the batcher's adaptive gathering merges closed-loop callers without holding lone ones."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from services.common import errors
 from services.common.domain import TensorData
 from services.common.triton_server import TritonServer
 from services.router import triton as triton_module
+from services.router.batching import PredictBatcher
 from services.router.triton import TritonBackend
 from tests.integration.model_copies import loaded_copies
 
@@ -152,3 +155,67 @@ async def test_open_streams_are_bounded(
         assert labels(await backend.infer(MODEL, "", features(ROWS[:1]), OUTPUTS, "c", 10.0))
     finally:
         await backend.close()
+
+
+class RecordingBackend(TritonBackend):
+    """The real backend, noting the rows of every call the batcher makes."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls: list[int] = []
+
+    async def infer(self, model: str, version: str, inputs: list[TensorData], *args: Any) -> list[TensorData]:
+        self.calls.append(inputs[0].shape[0])
+        return await super().infer(model, version, inputs, *args)
+
+
+@pytest.fixture
+async def recording(triton: TritonServer) -> AsyncIterator[RecordingBackend]:
+    client = RecordingBackend(triton.grpc_url)
+    yield client
+    await client.close()
+
+
+async def _caller(batcher: PredictBatcher, rows: np.ndarray, calls: int, timeout_s: float = 10.0) -> list[int]:
+    got = []
+    for _ in range(calls):
+        got += labels(await batcher.infer(MODEL, "", 256, features(rows), OUTPUTS, "caller", timeout_s))
+    return got
+
+
+async def test_gathering_merges_returning_callers_into_one_call(recording: RecordingBackend) -> None:
+    """Four closed-loop callers: once they are in step, every Triton call carries all four."""
+    batcher = PredictBatcher(recording, gather_max_s=1.0)
+    expected = labels(await recording.infer(MODEL, "", features(ROWS[:4]), OUTPUTS, "expected", 10.0))
+    recording.calls.clear()
+    # The first caller went alone, so it finishes a round early and the last round waits out the
+    # 1 s cap once. A gathering that never completed would wait it out every round (10 s).
+    results = await asyncio.wait_for(
+        asyncio.gather(*(_caller(batcher, ROWS[i : i + 1], 10) for i in range(4))), timeout=6.0
+    )
+    assert [r[0] for r in results] == expected and all(len(set(r)) == 1 for r in results)
+    assert sum(recording.calls) == 40
+    assert recording.calls[-6:-1] == [4] * 5, str(recording.calls)
+
+
+async def test_gathering_never_holds_a_lone_caller(recording: RecordingBackend) -> None:
+    batcher = PredictBatcher(recording, gather_max_s=5.0)
+    await asyncio.wait_for(_caller(batcher, ROWS[:1], 20), timeout=4.0)  # held, it would take 100 s
+    assert recording.calls == [1] * 20
+
+
+async def test_gathering_adapts_when_callers_leave(recording: RecordingBackend) -> None:
+    """Two of four callers stop: one gathering runs out (the cap), then calls carry the two left."""
+    batcher = PredictBatcher(recording, gather_max_s=0.3)
+    await asyncio.wait_for(asyncio.gather(*(_caller(batcher, ROWS[i : i + 1], 5) for i in range(4))), timeout=6.0)
+    recording.calls.clear()
+    await asyncio.wait_for(asyncio.gather(*(_caller(batcher, ROWS[i : i + 1], 10) for i in range(2))), timeout=6.0)
+    assert sum(recording.calls) == 20 and recording.calls[-5:] == [2] * 5, recording.calls
+
+
+async def test_a_deadline_ends_a_gathering_wait(recording: RecordingBackend) -> None:
+    batcher = PredictBatcher(recording, gather_max_s=5.0)
+    await asyncio.gather(*(_caller(batcher, ROWS[i : i + 1], 1) for i in range(4)))  # calls of 1 then 3: the target is 3 (3 back, none waiting)
+    with pytest.raises(errors.DeadlineExceeded):
+        await asyncio.wait_for(_caller(batcher, ROWS[:1], 1, timeout_s=0.2), timeout=4.0)
+    assert recording.calls == [1, 3]  # the lone request was never sent
