@@ -8,10 +8,10 @@ sequential latency is unchanged.
 Adaptive gathering (`gather_max_s` > 0): the callers of a batch that just came back usually send
 their next requests at once (closed-loop clients, a pipeline's workers). For up to gather_max_s
 after a batch completes, the lane waits until as many rows are queued as that batch had plus
-those that were already waiting, then sends them together. A lone caller (a batch of one) is never held: its next request meets the
-target by itself. Under steady concurrency the batches grow to the number of callers, so Triton
-runs fewer, larger executions; a fixed hold in Triton would instead delay every request, the
-lone ones too.
+those that were already waiting, then sends them together. A lone caller (a batch of one) is
+never held: its next request meets the target by itself. Under steady concurrency the batches
+grow to the number of callers, so Triton runs fewer, larger executions; a fixed hold in Triton
+would instead delay every request, the lone ones too.
 """
 
 from __future__ import annotations

@@ -69,9 +69,10 @@ class RouterSettings(ServerSettings):
     # into the next call (0 = never merge).
     batch_max_in_flight: int = 1
     # Adaptive gathering (services.router.batching): for up to this long after a call to a
-    # batching model comes back, new Predicts wait until as many rows are queued as it carried plus those already waiting;
-    # a lone caller is never held (0 = off: a free slot sends at once). 1.5 ms covers the
-    # return of 8-32 closed-loop callers on 2 cores (bench.run: 1.0 ms gathered too few at c=8).
+    # batching model comes back, new Predicts wait until as many rows are queued as it carried
+    # plus those already waiting; a lone caller is never held (0 = off: a free slot sends at
+    # once). 1.5 ms covers the return of 8-32 closed-loop callers on 2 cores (bench.run: 1.0 ms
+    # gathered too few at c=8).
     batch_gather_max_us: int = Field(default=1500, ge=0)
     # Predicts as messages on one ModelStreamInfer stream per model (less CPU and latency per
     # call) or, when false, one unary ModelInfer each (Triton then also sees each deadline).
