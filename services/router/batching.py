@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from services.common import errors
 from services.common.domain import TensorData
-from services.router.triton import TritonBackend
+from services.router.triton import TritonBackend, model_deadline_exceeded
 
 _NOT_SPLITTABLE = (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled)
 
@@ -42,7 +42,7 @@ class _Lane:
     queue: list[_Pending] = field(default_factory=list)
     in_flight: int = 0
     gather_until: float = 0.0  # monotonic time until which new requests wait for target_rows
-    target_rows: int = 0  # the last completed batch's rows
+    target_rows: int = 0  # the last completed call's rows plus those queued when it came back
     timer: asyncio.TimerHandle | None = None  # ends the current gathering
 
     def queued_rows(self) -> int:
@@ -78,7 +78,7 @@ def _expire(lane: _Lane, pending: _Pending, model: str) -> None:
         return
     with contextlib.suppress(ValueError):
         lane.queue.remove(pending)
-    pending.future.set_exception(errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline"))
+    pending.future.set_exception(model_deadline_exceeded(model))
 
 
 class PredictBatcher:

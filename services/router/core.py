@@ -41,7 +41,7 @@ from services.router.batching import PredictBatcher
 from services.router.breaker import BreakerConfig, CircuitBreaker
 from services.router.metrics import RouterMetrics, Series
 from services.router.shadow import ShadowObserver, ShadowResult
-from services.router.triton import TritonBackend, TritonModelInfo
+from services.router.triton import TritonBackend, TritonModelInfo, model_deadline_exceeded
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class RouterCore:
             return
         remaining = None if ctx.timeout_s is None else ctx.timeout_s - (_perf_counter() - started)
         if remaining is not None and remaining <= 0.001:
-            raise errors.DeadlineExceeded(f"model '{request.model}' did not answer before the deadline")
+            raise model_deadline_exceeded(request.model)
         stream = self._generate_on(arm.fallback, ctx, request, remaining)  # type: ignore[arg-type]
         async with contextlib.aclosing(stream):
             async for chunk in stream:

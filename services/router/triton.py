@@ -50,6 +50,10 @@ class TritonToken:
     final: bool
 
 
+def model_deadline_exceeded(model: str) -> errors.DeadlineExceeded:
+    return errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline")
+
+
 def _backend_error(exc: grpc.aio.AioRpcError, model: str, url: str) -> errors.MeshError:
     code, details = exc.code(), exc.details() or ""
     lowered = details.lower()
@@ -60,7 +64,7 @@ def _backend_error(exc: grpc.aio.AioRpcError, model: str, url: str) -> errors.Me
     if code == grpc.StatusCode.UNAVAILABLE:
         return errors.Unavailable(f"inference server at {url} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline")
+        return model_deadline_exceeded(model)
     if code == grpc.StatusCode.CANCELLED:
         return errors.Cancelled(f"call to model '{model}' was cancelled")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -112,7 +116,7 @@ def encode_bytes_tensor(items: list[bytes]) -> bytes:
 
 # Streams kept open at once; the least recently used one is closed beyond this (a registry
 # gives every version its own Triton model, so old versions' streams must not pile up).
-MAX_OPEN_STREAMS = 32
+DEFAULT_MAX_OPEN_STREAMS = 32
 
 
 class InferStream:
@@ -154,9 +158,7 @@ class InferStream:
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
                 self.closed = True
                 raise errors.Unavailable(f"inference server at {self.url} is unavailable: {exc}") from None
-            if self.closed and not future.done():  # the reader ended while we were writing
-                future.set_exception(errors.Unavailable(f"inference server at {self.url} closed the stream"))
-            message = await future
+            message = await future  # a reader that ends fails every registered waiter, this one too
         finally:
             self._waiters.pop(key, None)
             if timer is not None:
@@ -203,7 +205,7 @@ class InferStream:
 
 def _expire_stream_waiter(future: asyncio.Future, model: str) -> None:
     if not future.done():
-        future.set_exception(errors.DeadlineExceeded(f"model '{model}' did not answer before the deadline"))
+        future.set_exception(model_deadline_exceeded(model))
 
 
 class TritonBackend:
@@ -213,9 +215,10 @@ class TritonBackend:
     unary ModelInfer (Triton then also sees the caller's deadline).
     """
 
-    def __init__(self, url: str, predict_stream: bool = True) -> None:
+    def __init__(self, url: str, predict_stream: bool = True, max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS) -> None:
         self.url = url
         self.predict_stream = predict_stream
+        self.max_open_streams = max_open_streams
         self._channel = internal_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._streams: OrderedDict[tuple[str, str], InferStream] = OrderedDict()
@@ -234,7 +237,7 @@ class TritonBackend:
             return stream
         stream = self._streams[key] = InferStream(self._stub, self.url)
         self._streams.move_to_end(key)
-        if len(self._streams) > MAX_OPEN_STREAMS:
+        if len(self._streams) > self.max_open_streams:
             _, oldest = self._streams.popitem(last=False)
             task = asyncio.get_running_loop().create_task(oldest.close())
             self._closing.add(task)

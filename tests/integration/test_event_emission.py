@@ -402,20 +402,25 @@ time.sleep(60)  # killed here, without close()
 """
 
 
-def test_records_left_in_the_spool_by_a_crashed_process_are_replayed(tmp_path: Path) -> None:
-    port = free_port()
-    spool_dir = tmp_path / "spool"
-    run = uuid.uuid4().hex[:8]
-    child_log = tmp_path / "child.log"
-    with child_log.open("wb") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-c", CRASHING_EMITTER, f"127.0.0.1:{port}", str(spool_dir), run, "300"],
+def spawn_script(script: str, args: list[str], log_path: Path) -> subprocess.Popen[str]:
+    """`python -c script args...` from the repository root: stdout piped as text, stderr to log_path."""
+    with log_path.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, *args],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
+
+
+def test_records_left_in_the_spool_by_a_crashed_process_are_replayed(tmp_path: Path) -> None:
+    port = free_port()
+    spool_dir = tmp_path / "spool"
+    run = uuid.uuid4().hex[:8]
+    child_log = tmp_path / "child.log"
+    child = spawn_script(CRASHING_EMITTER, [f"127.0.0.1:{port}", str(spool_dir), run, "300"], child_log)
     try:
         assert child.stdout is not None
         line = child.stdout.readline()

@@ -7,8 +7,6 @@ Records, settings, the broker fixture and the checks come from test_event_emissi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +18,6 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from services.common.gen.mlmesh.v1 import events_pb2
 from services.common.kafka import KafkaSettings, make_consumer
-from services.common.settings import REPO_ROOT
 from services.common.tansu import TansuBroker
 from services.gateway.event_process import EventProcess
 from services.gateway.events import EventEmitter
@@ -32,6 +29,7 @@ from tests.integration.test_event_emission import (  # the per-test broker fixtu
     feedback_records,
     record,
     settings_for,
+    spawn_script,
     wait_for,
 )
 
@@ -242,15 +240,7 @@ def test_an_orphaned_child_flushes_what_it_holds(broker: TansuBroker, tmp_path: 
     spool_dir = tmp_path / "spool"
     run = uuid.uuid4().hex[:8]
     gateway_log = tmp_path / "gateway.log"
-    with gateway_log.open("wb") as stderr:
-        gateway = subprocess.Popen(
-            [sys.executable, "-c", ORPHANING_GATEWAY, broker.bootstrap, str(spool_dir), run, "300"],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        )
+    gateway = spawn_script(ORPHANING_GATEWAY, [broker.bootstrap, str(spool_dir), run, "300"], gateway_log)
     try:
         assert gateway.stdout is not None
         words = gateway.stdout.readline().split()

@@ -16,7 +16,6 @@ from sklearn.datasets import load_breast_cancer
 from services.common import errors
 from services.common.domain import TensorData
 from services.common.triton_server import TritonServer
-from services.router import triton as triton_module
 from services.router.batching import PredictBatcher
 from services.router.triton import TritonBackend
 from tests.integration.model_copies import loaded_copies
@@ -135,12 +134,9 @@ async def test_a_cancelled_caller_leaves_the_stream_serving(backend: TritonBacke
     assert labels(await backend.infer(SLOW, "", features(ROWS[:1]), OUTPUTS, "stays", 10.0))
 
 
-async def test_open_streams_are_bounded(
-    triton: TritonServer, copies: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_open_streams_are_bounded(triton: TritonServer, copies: None) -> None:
     """Every registry version is its own Triton model: streams to old ones are closed, not kept."""
-    monkeypatch.setattr(triton_module, "MAX_OPEN_STREAMS", 1)
-    backend = TritonBackend(triton.grpc_url)
+    backend = TritonBackend(triton.grpc_url, max_open_streams=1)
     try:
         await backend.infer(MODEL, "", features(ROWS[:1]), OUTPUTS, "a", 10.0)
         first = backend._streams[(MODEL, "")]
